@@ -1,0 +1,157 @@
+// Package store defines the coordinator's persistent state behind a Store
+// interface. Backends live in subpackages (sqlite; postgres later) and are
+// all checked by the conformance suite in storetest.
+//
+// Every method that changes security-relevant state (enrollment, revocation)
+// commits durably before it returns: a caller may acknowledge the change to a
+// user as soon as the method returns nil.
+package store
+
+import (
+	"context"
+	"errors"
+	"net/netip"
+	"time"
+)
+
+// Sentinel errors. Backends wrap them with %w; callers test with errors.Is.
+var (
+	ErrNotFound      = errors.New("not found")
+	ErrTokenInvalid  = errors.New("token invalid") // unknown, wrong secret, expired, used up or revoked: callers must not say which
+	ErrNameTaken     = errors.New("name already in use")
+	ErrKeyTaken      = errors.New("WireGuard key already registered")
+	ErrPoolExhausted = errors.New("address pool exhausted")
+	ErrRevoked       = errors.New("revoked")
+)
+
+// Token is an enrollment token. Only the SHA-256 hash of its secret is kept.
+type Token struct {
+	ID         string
+	SecretHash [32]byte
+	Role       string
+	Tags       []string
+	MaxUses    int // 0 = unlimited until expiry
+	Uses       int
+	Created    time.Time
+	Expires    time.Time
+	RevokedAt  time.Time // zero = not revoked
+	CreatedBy  string
+}
+
+// Node is an enrolled node. Revoked nodes stay (for audit and IP quarantine).
+type Node struct {
+	ID           string
+	Name         string
+	Role         string
+	IPv4         netip.Addr
+	IPv6         netip.Addr
+	WireGuardKey string // base64 public key
+	Tags         []string
+	ServicesJSON string // JSON array of wire.Service, "[]" when none
+	Endpoints    []string
+	TokenID      string
+	Created      time.Time
+	LastSeen     time.Time // zero = never
+	RevokedAt    time.Time // zero = not revoked
+}
+
+// Revoked reports whether the node has been revoked.
+func (n *Node) Revoked() bool { return !n.RevokedAt.IsZero() }
+
+// AdminKey is an admin API key. Only the SHA-256 hash of its secret is kept.
+type AdminKey struct {
+	ID         string
+	SecretHash [32]byte
+	Created    time.Time
+	Expires    time.Time // zero = never
+	RevokedAt  time.Time
+	CreatedBy  string
+}
+
+// AuditEntry is one row of the append-only audit log.
+type AuditEntry struct {
+	ID     int64
+	Time   time.Time
+	Actor  string
+	Action string
+	Target string
+	Detail string
+}
+
+// EnrollParams is one enrollment, executed as a single transaction:
+// verify and consume the token, check name and key, allocate addresses,
+// insert the node and its audit row — all or nothing.
+type EnrollParams struct {
+	TokenID string
+	// VerifyToken is called inside the transaction with the stored token and
+	// returns nil if the presented secret matches and the token may be used
+	// now. Any error aborts the enrollment with ErrTokenInvalid.
+	VerifyToken func(Token) error
+
+	NodeID       string
+	Name         string
+	WireGuardKey string
+	Now          time.Time
+
+	// IPv4Pool is the prefix addresses come from; the network address and,
+	// for prefixes shorter than /31, the broadcast address are never used.
+	IPv4Pool netip.Prefix
+	// IPv6Pool is a /48 (or longer, at most /96); a node's IPv6 is the pool
+	// prefix with the node's IPv4 in the low 32 bits.
+	IPv6Pool netip.Prefix
+	// Quarantine: addresses of a node revoked less than this long ago are not
+	// handed out again.
+	Quarantine time.Duration
+
+	Actor string // for the audit row
+}
+
+// Store is the coordinator's persistent state.
+type Store interface {
+	// Tokens.
+	CreateToken(ctx context.Context, t Token, actor string) error
+	ListTokens(ctx context.Context) ([]Token, error)
+	// RevokeToken marks a token revoked; ErrNotFound if unknown.
+	RevokeToken(ctx context.Context, id string, now time.Time, actor string) error
+
+	// Enroll runs EnrollParams as one transaction and returns the new node.
+	// Errors: ErrTokenInvalid, ErrNameTaken, ErrKeyTaken, ErrPoolExhausted.
+	Enroll(ctx context.Context, p EnrollParams) (Node, error)
+
+	// Nodes.
+	GetNode(ctx context.Context, id string) (Node, error)
+	// ListNodes returns all nodes, revoked ones included, ordered by creation.
+	ListNodes(ctx context.Context) ([]Node, error)
+	// RevokeNode revokes the active node with this name (or id), durably,
+	// with an audit row in the same transaction. ErrNotFound if no active
+	// node matches.
+	RevokeNode(ctx context.Context, nameOrID string, now time.Time, actor string) (Node, error)
+	// RenameNode renames an active node. ErrNotFound, ErrNameTaken.
+	RenameNode(ctx context.Context, nameOrID, newName string, now time.Time, actor string) (Node, error)
+	// UpdateNode sets services and/or endpoints (nil = unchanged) of an
+	// active node. ErrNotFound, ErrRevoked.
+	UpdateNode(ctx context.Context, id string, servicesJSON *string, endpoints *[]string) (Node, error)
+	// TouchNode records that the node was seen at t.
+	TouchNode(ctx context.Context, id string, t time.Time) error
+
+	// Admin keys.
+	CreateAdminKey(ctx context.Context, k AdminKey, actor string) error
+	GetAdminKey(ctx context.Context, id string) (AdminKey, error)
+	ListAdminKeys(ctx context.Context) ([]AdminKey, error)
+	RevokeAdminKey(ctx context.Context, id string, now time.Time, actor string) error
+
+	// Audit log. Store methods that take an actor write their own rows;
+	// Audit appends others (e.g. refused attempts worth keeping).
+	Audit(ctx context.Context, e AuditEntry) error
+	// ListAudit returns the newest limit entries, oldest first.
+	ListAudit(ctx context.Context, limit int) ([]AuditEntry, error)
+
+	// Meta is a small key/value table for settings fixed at first start
+	// (e.g. the IPv6 ULA prefix). GetMeta returns ErrNotFound if unset.
+	GetMeta(ctx context.Context, key string) (string, error)
+	// SetMetaIfAbsent stores value unless key is set, and returns the value
+	// that is stored afterwards.
+	SetMetaIfAbsent(ctx context.Context, key, value string) (string, error)
+
+	Close() error
+}

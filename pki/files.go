@@ -1,0 +1,115 @@
+package pki
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+)
+
+// WriteFileAtomic writes data to path so that a reader (or a crash) sees
+// either the old content or the new, never a torn file: it writes a temp file
+// in the same directory with perm, fsyncs it, renames it over path and fsyncs
+// the directory.
+func WriteFileAtomic(path string, data []byte, perm fs.FileMode) (err error) {
+	dir := filepath.Dir(path)
+	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
+	if err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	tmp := f.Name()
+	defer func() {
+		if err != nil {
+			f.Close()
+			os.Remove(tmp)
+		}
+	}()
+	if err = f.Chmod(perm); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if _, err = f.Write(data); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err = f.Sync(); err != nil {
+		return fmt.Errorf("write %s: sync: %w", path, err)
+	}
+	if err = f.Close(); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err = os.Rename(tmp, path); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	return syncDir(dir)
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("sync dir %s: %w", dir, err)
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("sync dir %s: %w", dir, err)
+	}
+	return nil
+}
+
+// ErrInsecurePermissions is returned when a secret file or directory is
+// readable by group or others.
+var ErrInsecurePermissions = errors.New("insecure permissions")
+
+// ReadPrivateFile reads a file holding a secret after checking that only its
+// owner can read it. A file readable by group or others is refused with a
+// message that says how to fix it; it is never used.
+func ReadPrivateFile(path string) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	if st.Mode().Perm()&0o077 != 0 {
+		return nil, fmt.Errorf("%s has mode %04o: %w: a key file must be readable by its owner only; fix it with: chmod 600 %s",
+			path, st.Mode().Perm(), ErrInsecurePermissions, path)
+	}
+	return readAll(f, st.Size())
+}
+
+func readAll(f *os.File, size int64) ([]byte, error) {
+	const max = 1 << 20
+	if size > max {
+		return nil, fmt.Errorf("%s is %d bytes, larger than any file meshctl writes: is it the right file?", f.Name(), size)
+	}
+	return io.ReadAll(io.LimitReader(f, max))
+}
+
+// EnsurePrivateDir creates dir with mode 0700 (and parents with 0755), or,
+// if it exists, tightens its mode to 0700. It refuses a path that exists and
+// is not a directory.
+func EnsurePrivateDir(dir string) error {
+	st, err := os.Stat(dir)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		if err := os.MkdirAll(filepath.Dir(dir), 0o755); err != nil {
+			return fmt.Errorf("create %s: %w", filepath.Dir(dir), err)
+		}
+		if err := os.Mkdir(dir, 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
+			return fmt.Errorf("create %s: %w", dir, err)
+		}
+		return os.Chmod(dir, 0o700) // umask may have narrowed it; never widened
+	case err != nil:
+		return fmt.Errorf("state directory %s: %w", dir, err)
+	case !st.IsDir():
+		return fmt.Errorf("state directory %s exists but is not a directory", dir)
+	case st.Mode().Perm() != 0o700:
+		if err := os.Chmod(dir, 0o700); err != nil {
+			return fmt.Errorf("state directory %s has mode %04o and cannot be tightened to 0700: %w", dir, st.Mode().Perm(), err)
+		}
+	}
+	return nil
+}

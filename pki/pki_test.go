@@ -1,0 +1,273 @@
+package pki
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+var now = time.Now()
+
+func newTestCA(t *testing.T) (*CA, string) {
+	t.Helper()
+	dir := t.TempDir()
+	ca, created, err := LoadOrCreateCA(dir, now)
+	if err != nil || !created {
+		t.Fatalf("LoadOrCreateCA: created=%v err=%v", created, err)
+	}
+	return ca, dir
+}
+
+func TestCAPersistsWithPrivateFiles(t *testing.T) {
+	ca, dir := newTestCA(t)
+	for _, f := range []string{CACertFile, CAKeyFile} {
+		st, err := os.Stat(filepath.Join(dir, f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.Mode().Perm() != 0o600 {
+			t.Errorf("%s mode %04o, want 0600", f, st.Mode().Perm())
+		}
+	}
+	again, created, err := LoadOrCreateCA(dir, now)
+	if err != nil || created {
+		t.Fatalf("reload: created=%v err=%v", created, err)
+	}
+	if again.Pin() != ca.Pin() {
+		t.Fatalf("pin changed across reload: %s vs %s", again.Pin(), ca.Pin())
+	}
+	// Losing the certificate must not make a new CA silently.
+	os.Remove(filepath.Join(dir, CACertFile))
+	if _, _, err := LoadOrCreateCA(dir, now); err == nil {
+		t.Fatal("CA key without certificate: want an error, got a CA")
+	}
+}
+
+func TestReadPrivateFileRefusesWideModes(t *testing.T) {
+	_, dir := newTestCA(t)
+	key := filepath.Join(dir, CAKeyFile)
+	if err := os.Chmod(key, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	_, _, err := LoadOrCreateCA(dir, now)
+	if !errors.Is(err, ErrInsecurePermissions) || !strings.Contains(err.Error(), "chmod 600") {
+		t.Fatalf("want ErrInsecurePermissions with a fix hint, got %v", err)
+	}
+}
+
+func TestPinFormat(t *testing.T) {
+	ca, _ := newTestCA(t)
+	pin := ca.Pin()
+	if !strings.HasPrefix(pin, "sha256:") || len(pin) != len("sha256:")+64 {
+		t.Fatalf("pin %q", pin)
+	}
+	if _, err := ParsePin(pin); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ParsePin(strings.ToUpper(pin[7:])); err == nil {
+		t.Error("pin without prefix accepted")
+	}
+	for _, bad := range []string{"", "sha256:", "sha256:zz", "sha256:" + strings.Repeat("a", 63), "md5:" + pin[7:]} {
+		if _, err := ParsePin(bad); err == nil {
+			t.Errorf("ParsePin(%q) accepted", bad)
+		}
+	}
+}
+
+// TestPinnedTLS runs a real TLS server with a CA-issued certificate and
+// checks that only the right pin connects.
+func TestPinnedTLS(t *testing.T) {
+	ca, dir := newTestCA(t)
+	cert, err := LoadOrCreateServerCert(dir, ca, []string{"localhost", "127.0.0.1"}, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.Write([]byte("ok")) }))
+	srv.TLS = &tls.Config{Certificates: []tls.Certificate{cert}}
+	srv.StartTLS()
+	defer srv.Close()
+
+	get := func(cfg *tls.Config) error {
+		c := &http.Client{Transport: &http.Transport{TLSClientConfig: cfg}, Timeout: 5 * time.Second}
+		resp, err := c.Get(srv.URL)
+		if err == nil {
+			resp.Body.Close()
+		}
+		return err
+	}
+	good, _ := ParsePin(ca.Pin())
+	if err := get(PinnedTLSConfig(good)); err != nil {
+		t.Fatalf("right pin refused: %v", err)
+	}
+	if err := get(CATLSConfig(ca.Cert)); err != nil {
+		t.Fatalf("CA config refused: %v", err)
+	}
+	other, _ := newTestCA(t)
+	bad, _ := ParsePin(other.Pin())
+	err = get(PinnedTLSConfig(bad))
+	if err == nil || !errors.Is(err, ErrPinMismatch) {
+		t.Fatalf("wrong pin: want ErrPinMismatch, got %v", err)
+	}
+	if err := get(CATLSConfig(other.Cert)); err == nil {
+		t.Fatal("other CA accepted")
+	}
+}
+
+// A node's client certificate chains to the CA but must not pass as a
+// server certificate.
+func TestClientCertCannotServe(t *testing.T) {
+	ca, _ := newTestCA(t)
+	key, _ := GenerateKey()
+	csr, _ := NewCSR(key, "ignored")
+	leaf, err := ca.SignClientCSR(csr, "abc123", time.Now(), time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if leaf.Subject.CommonName != "abc123" {
+		t.Fatalf("CN %q, want node id", leaf.Subject.CommonName)
+	}
+	if err := verifyLeaf([]*x509.Certificate{leaf}, ca.Cert); err == nil {
+		t.Fatal("client certificate verified for server auth")
+	}
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	defer ln.Close()
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		tc := tls.Server(c, &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{leaf.Raw, ca.Cert.Raw}, PrivateKey: key}}})
+		tc.Handshake()
+		tc.Close()
+	}()
+	pin, _ := ParsePin(ca.Pin())
+	d := tls.Dialer{Config: PinnedTLSConfig(pin)}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if c, err := d.DialContext(ctx, "tcp", ln.Addr().String()); err == nil {
+		c.Close()
+		t.Fatal("client certificate accepted as a server certificate")
+	}
+}
+
+func TestServerCertReissuedForNewHosts(t *testing.T) {
+	ca, dir := newTestCA(t)
+	c1, err := LoadOrCreateServerCert(dir, ca, []string{"localhost"}, now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c2, _ := LoadOrCreateServerCert(dir, ca, []string{"localhost"}, now)
+	if c1.Leaf.SerialNumber.Cmp(c2.Leaf.SerialNumber) != 0 {
+		t.Error("certificate reissued although hosts unchanged")
+	}
+	c3, _ := LoadOrCreateServerCert(dir, ca, []string{"localhost", "mesh.example.com", "192.0.2.7"}, now)
+	if c3.Leaf.VerifyHostname("mesh.example.com") != nil || c3.Leaf.VerifyHostname("192.0.2.7") != nil {
+		t.Errorf("new hosts not covered: %v %v", c3.Leaf.DNSNames, c3.Leaf.IPAddresses)
+	}
+	c4, _ := LoadOrCreateServerCert(dir, ca, []string{"localhost"}, c3.Leaf.NotAfter.Add(-time.Hour))
+	if c4.Leaf.SerialNumber.Cmp(c3.Leaf.SerialNumber) == 0 {
+		t.Error("certificate near expiry not reissued")
+	}
+}
+
+func TestCSRKeyTypes(t *testing.T) {
+	if _, err := ParseCSR([]byte("garbage")); err == nil {
+		t.Error("garbage CSR accepted")
+	}
+	key, _ := GenerateKey()
+	csr, _ := NewCSR(key, "n")
+	tampered := []byte(strings.Replace(string(csr), "A", "B", 1))
+	if _, err := ParseCSR(tampered); err == nil {
+		t.Error("tampered CSR accepted")
+	}
+}
+
+func TestSecrets(t *testing.T) {
+	s, id, h, err := NewSecret(KindEnroll)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gotID, gotH, err := ParseSecret(KindEnroll, " "+s+"\n")
+	if err != nil || gotID != id || !HashEqual(gotH, h) {
+		t.Fatalf("round trip: %v %q %q", err, gotID, id)
+	}
+	if _, _, err := ParseSecret(KindAdmin, s); !errors.Is(err, ErrMalformedSecret) {
+		t.Error("enroll token accepted as admin key")
+	}
+	_, _, h2, _ := NewSecret(KindEnroll)
+	if HashEqual(h, h2) {
+		t.Error("two secrets hash equal")
+	}
+	for _, bad := range []string{"", "meshctl-enroll-", s[:len(s)-1], s + "a", strings.ToUpper(s), strings.Replace(s, id, "zzzzzzzzzzzz", 1)} {
+		if _, _, err := ParseSecret(KindEnroll, bad); err == nil {
+			t.Errorf("ParseSecret(%q) accepted", bad)
+		}
+	}
+}
+
+func TestWriteFileAtomic(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "state.json")
+	for _, content := range []string{"one", "two"} {
+		if err := WriteFileAtomic(p, []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		b, _ := os.ReadFile(p)
+		st, _ := os.Stat(p)
+		if string(b) != content || st.Mode().Perm() != 0o600 {
+			t.Fatalf("got %q mode %04o", b, st.Mode().Perm())
+		}
+	}
+	entries, _ := os.ReadDir(dir)
+	if len(entries) != 1 {
+		t.Fatalf("temp files left behind: %v", entries)
+	}
+}
+
+func TestEnsurePrivateDir(t *testing.T) {
+	d := filepath.Join(t.TempDir(), "a", "state")
+	if err := EnsurePrivateDir(d); err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(d, 0o755)
+	if err := EnsurePrivateDir(d); err != nil {
+		t.Fatal(err)
+	}
+	st, _ := os.Stat(d)
+	if st.Mode().Perm() != 0o700 {
+		t.Fatalf("mode %04o", st.Mode().Perm())
+	}
+	f := filepath.Join(t.TempDir(), "file")
+	os.WriteFile(f, nil, 0o600)
+	if err := EnsurePrivateDir(f); err == nil {
+		t.Fatal("file accepted as directory")
+	}
+}
+
+func TestSSHCA(t *testing.T) {
+	dir := t.TempDir()
+	s1, err := LoadOrCreateSSHCA(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s2, err := LoadOrCreateSSHCA(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(s1.PublicKey().Marshal()) != string(s2.PublicKey().Marshal()) {
+		t.Fatal("SSH CA changed across reload")
+	}
+	st, _ := os.Stat(filepath.Join(dir, SSHCAKeyFile))
+	if st.Mode().Perm() != 0o600 {
+		t.Fatalf("mode %04o", st.Mode().Perm())
+	}
+}

@@ -1,0 +1,241 @@
+// Package wire holds the JSON types that the coordinator, nodes, proxies and
+// admin clients exchange. It imports nothing of ours, so every role can link
+// it. Changes are additive; a breaking change bumps ProtocolVersion.
+package wire
+
+import "time"
+
+// ProtocolVersion is sent by clients in the Meshctl-Protocol header. The
+// coordinator refuses versions it does not speak with a clear message.
+const ProtocolVersion = 1
+
+// HeaderProtocol carries ProtocolVersion on every request.
+const HeaderProtocol = "Meshctl-Protocol"
+
+// API paths. Node paths need an mTLS client certificate; admin paths need
+// the Unix socket or an admin key; enrollment needs a token.
+const (
+	PathEnroll  = "/api/v1/enroll"
+	PathNetmap  = "/api/v1/netmap"
+	PathUpdate  = "/api/v1/node/update"
+	PathRenew   = "/api/v1/node/renew"
+	PathHealthz = "/healthz"
+
+	PathAdminInfo        = "/api/v1/admin/info"
+	PathAdminTokens      = "/api/v1/admin/tokens"        // GET list, POST create
+	PathAdminTokenRevoke = "/api/v1/admin/tokens/revoke" // POST {id}
+	PathAdminNodes       = "/api/v1/admin/nodes"         // GET list
+	PathAdminNodeRevoke  = "/api/v1/admin/nodes/revoke"  // POST {name}
+	PathAdminNodeRename  = "/api/v1/admin/nodes/rename"  // POST {name,new_name}
+	PathAdminAudit       = "/api/v1/admin/audit"         // GET ?limit=N
+	PathAdminKeys        = "/api/v1/admin/admin-keys"    // GET list, POST create
+	PathAdminKeyRevoke   = "/api/v1/admin/admin-keys/revoke"
+)
+
+// Error is the body of every non-2xx API response.
+type Error struct {
+	// Code is a stable machine-readable reason, e.g. "revoked", "name_taken".
+	Code string `json:"code"`
+	// Message says what was wrong and, where it can, how to fix it.
+	Message string `json:"message"`
+}
+
+// Error codes shared by coordinator and clients.
+const (
+	CodeBadRequest    = "bad_request"
+	CodeUnauthorized  = "unauthorized"
+	CodeRevoked       = "revoked"
+	CodeForbidden     = "forbidden"
+	CodeNotFound      = "not_found"
+	CodeNameTaken     = "name_taken"
+	CodeKeyTaken      = "key_taken"
+	CodeRateLimited   = "rate_limited"
+	CodePoolExhausted = "pool_exhausted"
+	CodeTooLarge      = "too_large"
+	CodeInternal      = "internal"
+	CodeUnavailable   = "unavailable"
+)
+
+// Roles a node can have.
+const (
+	RoleNode  = "node"
+	RoleProxy = "proxy"
+)
+
+// EnrollRequest is sent by a device with a token. Only public material
+// leaves the device.
+type EnrollRequest struct {
+	Token string `json:"token"`
+	// Name is the requested node name: a lower-case DNS label.
+	Name string `json:"name"`
+	// WireGuardKey is the node's WireGuard public key, standard base64.
+	WireGuardKey string `json:"wireguard_key"`
+	// CSR is a PEM certificate request for the node's mTLS key.
+	CSR string `json:"csr"`
+}
+
+// EnrollResponse is everything a node needs to join.
+type EnrollResponse struct {
+	Node        Node   `json:"node"`
+	Certificate string `json:"certificate"` // PEM client certificate
+	CA          string `json:"ca"`          // PEM CA certificate
+	Netmap      Netmap `json:"netmap"`
+}
+
+// RenewRequest asks for a fresh client certificate (over mTLS).
+type RenewRequest struct {
+	CSR string `json:"csr"`
+}
+
+// RenewResponse carries the new certificate.
+type RenewResponse struct {
+	Certificate string `json:"certificate"`
+	CA          string `json:"ca"`
+}
+
+// Node is a node as the coordinator knows it.
+type Node struct {
+	ID           string    `json:"id"`
+	Name         string    `json:"name"`
+	Role         string    `json:"role"`
+	IPv4         string    `json:"ipv4"`
+	IPv6         string    `json:"ipv6"`
+	WireGuardKey string    `json:"public_key"`
+	Tags         []string  `json:"tags"`
+	Services     []Service `json:"services"`
+	Endpoints    []string  `json:"endpoints"`
+	Created      time.Time `json:"created"`
+	LastSeen     time.Time `json:"last_seen,omitzero"`
+	Online       bool      `json:"online"`
+	Revoked      bool      `json:"revoked"`
+	RevokedAt    time.Time `json:"revoked_at,omitzero"`
+}
+
+// Service is a service a node publishes on its overlay address. The
+// device-local target never leaves the node: only name and overlay port.
+type Service struct {
+	Name   string `json:"name"`
+	Port   uint16 `json:"port"`
+	Public bool   `json:"public,omitempty"`
+}
+
+// Peer is another mesh member as seen in a netmap.
+type Peer struct {
+	ID           string    `json:"id"`
+	Name         string    `json:"name"`
+	Role         string    `json:"role"`
+	WireGuardKey string    `json:"public_key"`
+	IPv4         string    `json:"ipv4"`
+	IPv6         string    `json:"ipv6"`
+	Endpoints    []string  `json:"endpoints,omitempty"`
+	Services     []Service `json:"services,omitempty"`
+	Tags         []string  `json:"tags,omitempty"`
+}
+
+// Netmap is what a node needs to configure its data plane. Version grows
+// with every change the coordinator makes.
+type Netmap struct {
+	Version uint64 `json:"version"`
+	Self    Peer   `json:"self"`
+	Peers   []Peer `json:"peers"`
+	// ProxyEndpoint is the proxy's public WireGuard endpoint (host:port)
+	// that nodes behind NAT keep alive to. Empty when no proxy runs.
+	ProxyEndpoint string `json:"proxy_endpoint,omitempty"`
+	// Domain is the proxy's domain (<name>.<domain>), empty without a proxy.
+	Domain string `json:"domain,omitempty"`
+}
+
+// UpdateRequest reports what a node publishes and where it can be reached.
+// Nil fields are left unchanged.
+type UpdateRequest struct {
+	Services  *[]Service `json:"services,omitempty"`
+	Endpoints *[]string  `json:"endpoints,omitempty"`
+}
+
+// Token is an enrollment token as admins see it (never the secret, except
+// once at creation in TokenCreateResponse).
+type Token struct {
+	ID        string    `json:"id"`
+	Role      string    `json:"role"`
+	Tags      []string  `json:"tags"`
+	Uses      int       `json:"uses"`     // times used so far
+	MaxUses   int       `json:"max_uses"` // 0 = unlimited (reusable)
+	Created   time.Time `json:"created"`
+	Expires   time.Time `json:"expires"`
+	Revoked   bool      `json:"revoked"`
+	CreatedBy string    `json:"created_by"`
+}
+
+// TokenCreateRequest asks for a new enrollment token.
+type TokenCreateRequest struct {
+	TTL     Duration `json:"ttl"`
+	MaxUses int      `json:"max_uses"` // 0 = reusable until expiry
+	Tags    []string `json:"tags"`
+	Role    string   `json:"role"`
+}
+
+// TokenCreateResponse is returned once; the secret is not stored.
+type TokenCreateResponse struct {
+	Token         string    `json:"token"`
+	ID            string    `json:"id"`
+	Coordinator   string    `json:"coordinator"`
+	CAPin         string    `json:"ca_pin"`
+	Expires       time.Time `json:"expires"`
+	MaxUses       int       `json:"max_uses"`
+	Tags          []string  `json:"tags"`
+	Role          string    `json:"role"`
+	EnrollCommand string    `json:"enroll_command"`
+}
+
+// IDRequest names a token or admin key by id.
+type IDRequest struct {
+	ID string `json:"id"`
+}
+
+// NameRequest names a node (by name or id).
+type NameRequest struct {
+	Name    string `json:"name"`
+	NewName string `json:"new_name,omitempty"`
+}
+
+// AdminKey is an admin API key as listed (never the secret).
+type AdminKey struct {
+	ID        string    `json:"id"`
+	Created   time.Time `json:"created"`
+	Expires   time.Time `json:"expires,omitzero"`
+	Revoked   bool      `json:"revoked"`
+	CreatedBy string    `json:"created_by"`
+}
+
+// AdminKeyCreateRequest asks for a new admin key.
+type AdminKeyCreateRequest struct {
+	TTL Duration `json:"ttl"` // 0 = no expiry
+}
+
+// AdminKeyCreateResponse is returned once; the secret is not stored.
+type AdminKeyCreateResponse struct {
+	Key         string    `json:"key"`
+	ID          string    `json:"id"`
+	Coordinator string    `json:"coordinator"`
+	CAPin       string    `json:"ca_pin"`
+	Expires     time.Time `json:"expires,omitzero"`
+}
+
+// AuditEntry is one line of the audit log.
+type AuditEntry struct {
+	ID     int64     `json:"id"`
+	Time   time.Time `json:"time"`
+	Actor  string    `json:"actor"`
+	Action string    `json:"action"`
+	Target string    `json:"target"`
+	Detail string    `json:"detail,omitempty"`
+}
+
+// Info describes a coordinator to admin clients.
+type Info struct {
+	Version     string `json:"version"`
+	Coordinator string `json:"coordinator"` // public URL
+	CAPin       string `json:"ca_pin"`
+	IPv4Pool    string `json:"ipv4_pool"`
+	IPv6Pool    string `json:"ipv6_pool"`
+}
