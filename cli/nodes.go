@@ -1,0 +1,129 @@
+package cli
+
+import (
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/meshctl/meshctl/wire"
+	"github.com/urfave/cli/v2"
+)
+
+func nodesCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "nodes",
+		Usage: "list, revoke and rename nodes",
+		Subcommands: []*cli.Command{
+			{
+				Name:  "list",
+				Usage: "list nodes with their addresses and state",
+				Description: `--json prints an array of objects with id, name, ipv4, ipv6, tags,
+created, last_seen, online and revoked (among others).`,
+				Flags:  append(adminFlags(), jsonFlag(), &cli.BoolFlag{Name: "all", EnvVars: env("all"), Usage: "include revoked nodes in the table (--json always includes them)"}),
+				Action: nodesList,
+			},
+			{
+				Name:      "revoke",
+				Usage:     "revoke a node: its certificate is refused and every peer drops it",
+				ArgsUsage: "NAME",
+				Description: `Revocation is written to disk before this command returns, and every node
+watching the netmap drops the revoked node at once. Its overlay addresses are
+not reused for the quarantine period (--quarantine on the server).
+
+Example: meshctl nodes revoke --data-dir ./data pi1`,
+				Flags:  adminFlags(),
+				Action: nodesRevoke,
+			},
+			{
+				Name:      "rename",
+				Usage:     "rename a node",
+				ArgsUsage: "OLD NEW",
+				Flags:     adminFlags(),
+				Action:    nodesRename,
+			},
+		},
+	}
+}
+
+func nodesList(c *cli.Context) error {
+	if err := noArgs(c); err != nil {
+		return err
+	}
+	ac, err := newAdminClient(c)
+	if err != nil {
+		return err
+	}
+	var nodes []wire.Node
+	if err := ac.call(c.Context, "GET", wire.PathAdminNodes, nil, &nodes); err != nil {
+		return err
+	}
+	if c.Bool("json") {
+		return printJSON(c.App.Writer, nodes)
+	}
+	now := time.Now()
+	rows := [][]string{{"NAME", "ID", "IPV4", "IPV6", "STATE", "LAST SEEN", "TAGS"}}
+	hidden := 0
+	for _, n := range nodes {
+		state := "offline"
+		switch {
+		case n.Revoked:
+			if !c.Bool("all") {
+				hidden++
+				continue
+			}
+			state = "revoked"
+		case n.Online:
+			state = "online"
+		}
+		rows = append(rows, []string{n.Name, n.ID, n.IPv4, n.IPv6, state, ago(n.LastSeen, now), orDash(strings.Join(n.Tags, ","))})
+	}
+	if len(rows) == 1 {
+		fmt.Fprintln(c.App.Writer, "No nodes yet. Create a token with `meshctl token create` and run the printed line on a device.")
+	} else if err := table(c.App.Writer, rows); err != nil {
+		return err
+	}
+	if hidden > 0 {
+		fmt.Fprintf(c.App.Writer, "(%d revoked node(s) not shown; --all shows them)\n", hidden)
+	}
+	return nil
+}
+
+func nodesRevoke(c *cli.Context) error {
+	args, err := positional(c, "name")
+	if err != nil {
+		return err
+	}
+	ac, err := newAdminClient(c)
+	if err != nil {
+		return err
+	}
+	var n wire.Node
+	if err := ac.call(c.Context, "POST", wire.PathAdminNodeRevoke, wire.NameRequest{Name: args[0]}, &n); err != nil {
+		if wire.IsCode(err, wire.CodeNotFound) {
+			return fmt.Errorf("no active node named %q (see meshctl nodes list)", args[0])
+		}
+		return err
+	}
+	fmt.Fprintf(c.App.Writer, "node %s (%s, %s) revoked\n", n.Name, n.ID, n.IPv4)
+	return nil
+}
+
+func nodesRename(c *cli.Context) error {
+	args, err := positional(c, "old", "new")
+	if err != nil {
+		return err
+	}
+	ac, err := newAdminClient(c)
+	if err != nil {
+		return err
+	}
+	var n wire.Node
+	if err := ac.call(c.Context, "POST", wire.PathAdminNodeRename, wire.NameRequest{Name: args[0], NewName: args[1]}, &n); err != nil {
+		if wire.IsCode(err, wire.CodeNotFound) {
+			return fmt.Errorf("no active node named %q (see meshctl nodes list)", args[0])
+		}
+		return err
+	}
+	fmt.Fprintf(c.App.Writer, "node %s renamed to %s\n", args[0], n.Name)
+	return nil
+}

@@ -1,0 +1,151 @@
+package coordinator
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/netip"
+	"strconv"
+	"time"
+
+	"github.com/meshctl/meshctl/coordinator/store"
+	"github.com/meshctl/meshctl/pki"
+	"github.com/meshctl/meshctl/wire"
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+)
+
+// handleEnroll turns a token, a name, a WireGuard public key and a CSR into
+// a node: one store transaction verifies and consumes the token, allocates
+// the addresses and inserts the node, so a crash leaves all or nothing.
+func (s *Server) handleEnroll(w http.ResponseWriter, r *http.Request) error {
+	src := remoteAddr(r)
+	if ok, wait := s.limiter.Allow(src); !ok {
+		w.Header().Set("Retry-After", strconv.Itoa(int(wait/time.Second)+1))
+		return errf(http.StatusTooManyRequests, wire.CodeRateLimited,
+			"too many failed enrollment attempts from your address; retry in %s", (wait + time.Second).Truncate(time.Second))
+	}
+	var req wire.EnrollRequest
+	if err := decodeJSON(w, r, &req); err != nil {
+		return err
+	}
+	tokenID, secretHash, err := pki.ParseSecret(pki.KindEnroll, req.Token)
+	if err != nil {
+		s.limiter.Fail(src)
+		return &apiError{status: errTokenRefused.status, code: errTokenRefused.code, msg: errTokenRefused.msg, cause: err}
+	}
+	if err := ValidateName("node", req.Name); err != nil {
+		return errf(http.StatusBadRequest, wire.CodeBadRequest, "%v", err)
+	}
+	if err := validateWireGuardKey(req.WireGuardKey); err != nil {
+		return err
+	}
+	nodeID, err := newID()
+	if err != nil {
+		return err
+	}
+	now := s.opts.Now()
+	cert, err := s.ca.SignClientCSR([]byte(req.CSR), nodeID, now, s.opts.CertValidity)
+	if err != nil {
+		return errf(http.StatusBadRequest, wire.CodeBadRequest, "csr: %v", err)
+	}
+	node, err := s.opts.Store.Enroll(r.Context(), store.EnrollParams{
+		TokenID: tokenID,
+		VerifyToken: func(t store.Token) error {
+			switch {
+			case !pki.HashEqual(t.SecretHash, secretHash):
+				return errors.New("secret mismatch")
+			case !t.RevokedAt.IsZero():
+				return errors.New("token revoked")
+			case !now.Before(t.Expires):
+				return errors.New("token expired")
+			case t.MaxUses > 0 && t.Uses >= t.MaxUses:
+				return errors.New("token used up")
+			}
+			return nil
+		},
+		NodeID:       nodeID,
+		Name:         req.Name,
+		WireGuardKey: req.WireGuardKey,
+		Now:          now,
+		IPv4Pool:     s.opts.IPv4Pool,
+		IPv6Pool:     s.ipv6,
+		Quarantine:   s.opts.Quarantine,
+		Actor:        "token:" + tokenID + " from " + src.String(),
+	})
+	if err != nil {
+		if errors.Is(err, store.ErrTokenInvalid) {
+			s.limiter.Fail(src)
+		}
+		return err
+	}
+	s.state.apply(node.ID, peerOf(&node))
+	s.log.Info("node enrolled", "node", node.Name, "id", node.ID, "ipv4", node.IPv4, "token_id", tokenID, "remote", src)
+	nm, _ := s.state.current().netmapFor(node.ID, &s.opts)
+	writeJSON(w, http.StatusOK, wire.EnrollResponse{
+		Node:        s.wireNode(&node),
+		Certificate: string(pki.CertPEM(cert)),
+		CA:          string(s.ca.CertPEM()),
+		Netmap:      nm,
+	})
+	return nil
+}
+
+func validateWireGuardKey(k string) error {
+	key, err := wgtypes.ParseKey(k)
+	if err != nil {
+		return errf(http.StatusBadRequest, wire.CodeBadRequest, "wireguard_key is not a base64 WireGuard public key: %v", err)
+	}
+	if key == (wgtypes.Key{}) {
+		return errf(http.StatusBadRequest, wire.CodeBadRequest, "wireguard_key is all zeros")
+	}
+	return nil
+}
+
+// newID returns a random 12-hex-digit identifier.
+func newID() (string, error) {
+	var b [6]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		return "", fmt.Errorf("random id: %w", err)
+	}
+	return hex.EncodeToString(b[:]), nil
+}
+
+// remoteAddr is the TCP peer address of r. The API is not meant to sit
+// behind a reverse proxy, so X-Forwarded-For is never trusted.
+func remoteAddr(r *http.Request) netip.Addr {
+	ap, err := netip.ParseAddrPort(r.RemoteAddr)
+	if err != nil {
+		return netip.Addr{}
+	}
+	return ap.Addr().Unmap()
+}
+
+// wireNode renders a stored node for the API.
+func (s *Server) wireNode(n *store.Node) wire.Node {
+	p := peerOf(n)
+	return wire.Node{
+		ID:           n.ID,
+		Name:         n.Name,
+		Role:         n.Role,
+		IPv4:         p.IPv4,
+		IPv6:         p.IPv6,
+		WireGuardKey: n.WireGuardKey,
+		Tags:         nonNil(p.Tags),
+		Services:     nonNil(p.Services),
+		Endpoints:    nonNil(p.Endpoints),
+		Created:      n.Created,
+		LastSeen:     s.seen.lastSeen(n.ID, n.LastSeen),
+		Online:       !n.Revoked() && s.seen.online(n.ID),
+		Revoked:      n.Revoked(),
+		RevokedAt:    n.RevokedAt,
+	}
+}
+
+func nonNil[T any](s []T) []T {
+	if s == nil {
+		return []T{}
+	}
+	return s
+}

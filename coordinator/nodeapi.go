@@ -1,0 +1,205 @@
+package coordinator
+
+import (
+	"context"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net/http"
+	"net/netip"
+	"slices"
+	"strconv"
+	"time"
+
+	"github.com/meshctl/meshctl/coordinator/store"
+	"github.com/meshctl/meshctl/pki"
+	"github.com/meshctl/meshctl/wire"
+)
+
+type nodeIDKey struct{}
+
+// nodeAuth authenticates a node by its mTLS client certificate: it must
+// chain to the coordinator CA for client auth at the current time, and name
+// (as CommonName) a node that is enrolled and not revoked. Everything else
+// is refused with a message that says what to do.
+func (s *Server) nodeAuth(h func(w http.ResponseWriter, r *http.Request, nodeID string) error) http.Handler {
+	return s.handle(func(w http.ResponseWriter, r *http.Request) error {
+		if r.TLS == nil || len(r.TLS.PeerCertificates) == 0 {
+			return errf(http.StatusUnauthorized, wire.CodeUnauthorized, "this endpoint needs the node's client certificate: enroll first (meshctl enroll)")
+		}
+		leaf := r.TLS.PeerCertificates[0]
+		roots := x509.NewCertPool()
+		roots.AddCert(s.ca.Cert)
+		now := s.opts.Now()
+		if _, err := leaf.Verify(x509.VerifyOptions{
+			Roots:       roots,
+			CurrentTime: now,
+			KeyUsages:   []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+		}); err != nil {
+			var inv x509.CertificateInvalidError
+			if errors.As(err, &inv) && inv.Reason == x509.Expired {
+				return &apiError{status: http.StatusForbidden, code: wire.CodeForbidden, cause: err,
+					msg: fmt.Sprintf("the node certificate expired at %s; re-enroll this device with a new token (meshctl enroll --force …)", leaf.NotAfter.UTC().Format(time.RFC3339))}
+			}
+			return &apiError{status: http.StatusForbidden, code: wire.CodeForbidden, cause: err,
+				msg: "the client certificate was not issued by this coordinator for a node"}
+		}
+		id := leaf.Subject.CommonName
+		if _, ok := s.state.current().byID[id]; !ok {
+			n, err := s.opts.Store.GetNode(r.Context(), id)
+			switch {
+			case err == nil && n.Revoked():
+				return errf(http.StatusForbidden, wire.CodeRevoked,
+					"node %s was revoked at %s; it can no longer use this coordinator (re-enroll with a new token if that was a mistake)",
+					n.Name, n.RevokedAt.UTC().Format(time.RFC3339))
+			case err == nil || errors.Is(err, store.ErrNotFound):
+				return errf(http.StatusForbidden, wire.CodeForbidden, "this node is not enrolled with this coordinator")
+			default:
+				return err
+			}
+		}
+		s.seen.touch(id)
+		return h(w, r, id)
+	})
+}
+
+// handleNetmap is the long-poll: it answers at once when the caller's
+// version (?since=N) differs from the current one, else waits for a change
+// up to LongPoll plus jitter and answers 304 Not Modified.
+func (s *Server) handleNetmap(w http.ResponseWriter, r *http.Request, id string) error {
+	var since uint64
+	if v := r.URL.Query().Get("since"); v != "" {
+		var err error
+		if since, err = strconv.ParseUint(v, 10, 64); err != nil {
+			return errf(http.StatusBadRequest, wire.CodeBadRequest, "since must be a netmap version number")
+		}
+	}
+	done := s.seen.polling(id)
+	defer done()
+	var timer *time.Timer
+	for {
+		snap := s.state.current()
+		if snap.version != since {
+			nm, ok := snap.netmapFor(id, &s.opts)
+			if !ok {
+				return s.refuseGone(r.Context(), id)
+			}
+			writeJSON(w, http.StatusOK, nm)
+			return nil
+		}
+		if timer == nil {
+			jitter := time.Duration(rand.Int64N(int64(s.opts.LongPoll/10) + 1))
+			timer = time.NewTimer(s.opts.LongPoll + jitter)
+			defer timer.Stop()
+		}
+		select {
+		case <-s.state.wait(snap):
+		case <-timer.C:
+			w.WriteHeader(http.StatusNotModified)
+			return nil
+		case <-r.Context().Done():
+			return nil
+		}
+	}
+}
+
+// refuseGone answers a node that vanished from the netmap while it waited.
+func (s *Server) refuseGone(ctx context.Context, id string) error {
+	if n, err := s.opts.Store.GetNode(ctx, id); err == nil && n.Revoked() {
+		return errf(http.StatusForbidden, wire.CodeRevoked, "node %s was revoked at %s", n.Name, n.RevokedAt.UTC().Format(time.RFC3339))
+	}
+	return errf(http.StatusForbidden, wire.CodeForbidden, "this node is not enrolled with this coordinator")
+}
+
+const (
+	maxServices  = 64
+	maxEndpoints = 16
+)
+
+// handleUpdate records the services and endpoints a node reports.
+func (s *Server) handleUpdate(w http.ResponseWriter, r *http.Request, id string) error {
+	var req wire.UpdateRequest
+	if err := decodeJSON(w, r, &req); err != nil {
+		return err
+	}
+	var svcJSON *string
+	if req.Services != nil {
+		if err := validateServices(*req.Services); err != nil {
+			return errf(http.StatusBadRequest, wire.CodeBadRequest, "%v", err)
+		}
+		b, _ := json.Marshal(nonNil(*req.Services))
+		str := string(b)
+		svcJSON = &str
+	}
+	if req.Endpoints != nil {
+		if err := validateEndpoints(*req.Endpoints); err != nil {
+			return errf(http.StatusBadRequest, wire.CodeBadRequest, "%v", err)
+		}
+	}
+	old := s.state.current().byID[id]
+	node, err := s.opts.Store.UpdateNode(r.Context(), id, svcJSON, req.Endpoints)
+	if err != nil {
+		return err
+	}
+	p := peerOf(&node)
+	if old == nil || !peersEqual(old, p) {
+		s.state.apply(id, p)
+	}
+	writeJSON(w, http.StatusOK, s.wireNode(&node))
+	return nil
+}
+
+func validateServices(svcs []wire.Service) error {
+	if len(svcs) > maxServices {
+		return fmt.Errorf("%d services; at most %d", len(svcs), maxServices)
+	}
+	seen := map[string]bool{}
+	for _, sv := range svcs {
+		if err := ValidateName("service", sv.Name); err != nil {
+			return err
+		}
+		if seen[sv.Name] {
+			return fmt.Errorf("service %q listed twice", sv.Name)
+		}
+		seen[sv.Name] = true
+		if sv.Port == 0 {
+			return fmt.Errorf("service %q has port 0", sv.Name)
+		}
+	}
+	return nil
+}
+
+func validateEndpoints(eps []string) error {
+	if len(eps) > maxEndpoints {
+		return fmt.Errorf("%d endpoints; at most %d", len(eps), maxEndpoints)
+	}
+	for _, e := range eps {
+		ap, err := netip.ParseAddrPort(e)
+		if err != nil || ap.Port() == 0 || !ap.Addr().IsValid() || ap.Addr().IsUnspecified() || ap.Addr().IsMulticast() {
+			return fmt.Errorf("endpoint %q is not a usable IP:port", e)
+		}
+	}
+	return nil
+}
+
+func peersEqual(a, b *wire.Peer) bool {
+	return a.Name == b.Name && a.WireGuardKey == b.WireGuardKey && a.IPv4 == b.IPv4 && a.IPv6 == b.IPv6 &&
+		slices.Equal(a.Endpoints, b.Endpoints) && slices.Equal(a.Services, b.Services) && slices.Equal(a.Tags, b.Tags) && a.Role == b.Role
+}
+
+// handleRenew issues a fresh client certificate for a new (or the same)
+// key; the node proves possession of its current certificate by mTLS.
+func (s *Server) handleRenew(w http.ResponseWriter, r *http.Request, id string) error {
+	var req wire.RenewRequest
+	if err := decodeJSON(w, r, &req); err != nil {
+		return err
+	}
+	cert, err := s.ca.SignClientCSR([]byte(req.CSR), id, s.opts.Now(), s.opts.CertValidity)
+	if err != nil {
+		return errf(http.StatusBadRequest, wire.CodeBadRequest, "csr: %v", err)
+	}
+	writeJSON(w, http.StatusOK, wire.RenewResponse{Certificate: string(pki.CertPEM(cert)), CA: string(s.ca.CertPEM())})
+	return nil
+}
