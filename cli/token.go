@@ -63,8 +63,8 @@ func tokenCreate(c *cli.Context) error {
 	if err := noArgs(c); err != nil {
 		return err
 	}
-	uses := c.Int("uses")
-	if c.Bool("reusable") {
+	uses, reusable := c.Int("uses"), c.Bool("reusable")
+	if reusable {
 		if c.IsSet("uses") {
 			return usageError("--uses and --reusable exclude each other")
 		}
@@ -81,7 +81,7 @@ func tokenCreate(c *cli.Context) error {
 	}
 	var resp wire.TokenCreateResponse
 	if err := ac.call(c.Context, "POST", wire.PathAdminTokens, wire.TokenCreateRequest{
-		TTL: wire.Duration(c.Duration("ttl")), MaxUses: uses, Tags: c.StringSlice("tag"), Role: c.String("role"),
+		TTL: wire.Duration(c.Duration("ttl")), MaxUses: uses, Reusable: reusable, Tags: c.StringSlice("tag"), Role: c.String("role"),
 	}, &resp); err != nil {
 		return err
 	}

@@ -116,8 +116,15 @@ func (s *Server) adminCreateToken(w http.ResponseWriter, r *http.Request, actor 
 	case ttl < 0 || ttl > maxTokenTTL:
 		return errf(http.StatusBadRequest, wire.CodeBadRequest, "ttl must be between 1s and %s", maxTokenTTL)
 	}
-	if req.MaxUses < 0 {
-		return errf(http.StatusBadRequest, wire.CodeBadRequest, "max_uses must be ≥ 0 (0 = reusable until it expires)")
+	switch {
+	case req.MaxUses < 0:
+		return errf(http.StatusBadRequest, wire.CodeBadRequest, "max_uses must be ≥ 1")
+	case req.Reusable && req.MaxUses > 0:
+		return errf(http.StatusBadRequest, wire.CodeBadRequest, "max_uses and reusable exclude each other")
+	case req.Reusable:
+		req.MaxUses = 0 // the store's "unlimited"
+	case req.MaxUses == 0:
+		req.MaxUses = 1
 	}
 	if req.Role == "" {
 		req.Role = wire.RoleNode

@@ -53,6 +53,8 @@ func toAPIError(err error) *apiError {
 		return &apiError{status: http.StatusConflict, code: wire.CodeKeyTaken, msg: "this WireGuard public key is already registered to a node; every enrollment needs a fresh key", cause: err}
 	case errors.Is(err, store.ErrPoolExhausted):
 		return &apiError{status: http.StatusServiceUnavailable, code: wire.CodePoolExhausted, msg: "the coordinator has no free overlay address left in its pool: an admin must widen --cidr or wait for quarantined addresses to be released", cause: err}
+	case errors.Is(err, store.ErrAmbiguous):
+		return &apiError{status: http.StatusConflict, code: wire.CodeBadRequest, msg: "that name is also another node's id; name the node by its id instead (see meshctl nodes list)", cause: err}
 	case errors.Is(err, store.ErrNotFound):
 		return &apiError{status: http.StatusNotFound, code: wire.CodeNotFound, msg: "not found", cause: err}
 	case errors.Is(err, store.ErrRevoked):

@@ -76,6 +76,10 @@ type Options struct {
 	// domain, both sent in netmaps. Empty when no proxy runs.
 	WGEndpoint string
 	Domain     string
+	// FailureBurst is how many failed token or admin-key attempts a source
+	// address may make before it gets 429; one more is allowed every 6 s.
+	// Default 10.
+	FailureBurst int
 	// Version is reported by the admin info endpoint.
 	Version string
 	// Logger receives the coordinator's logs. Nil discards them.
@@ -130,6 +134,9 @@ func New(opts Options) (s *Server, err error) {
 	}
 	if opts.LongPoll == 0 {
 		opts.LongPoll = DefaultLongPoll
+	}
+	if opts.FailureBurst == 0 {
+		opts.FailureBurst = 10
 	}
 	if opts.Now == nil {
 		opts.Now = time.Now
@@ -197,7 +204,7 @@ func New(opts Options) (s *Server, err error) {
 		return nil, fmt.Errorf("coordinator: load nodes: %w", err)
 	}
 	s.state = newNetmapState(nodes, now)
-	s.limiter = newFailLimiter(10, 6*time.Second, opts.Now)
+	s.limiter = newFailLimiter(opts.FailureBurst, 6*time.Second, opts.Now)
 	s.seen = newSeenTracker(opts.Store, opts.Now, s.log)
 	return s, nil
 }

@@ -62,7 +62,7 @@ func (c *Client) Close() { c.hc.CloseIdleConnections() }
 func (c *Client) call(ctx context.Context, method, path string, in, out any) error {
 	err := wire.Call(ctx, c.hc, method, c.State().Coordinator+path, nil, in, out)
 	if wire.IsCode(err, wire.CodeRevoked) {
-		return fmt.Errorf("%w: %v", ErrRevoked, err)
+		return fmt.Errorf("%w: %w", ErrRevoked, err)
 	}
 	return err
 }

@@ -139,8 +139,8 @@ func ParseCoordinatorURL(s string) (string, error) {
 		return "", errors.New("no coordinator URL: pass --coordinator https://HOST:PORT (printed by meshctl token create)")
 	}
 	u, err := url.Parse(s)
-	if err != nil {
-		return "", fmt.Errorf("coordinator URL %q: %w", s, err)
+	if err != nil || !strings.Contains(s, "://") {
+		return "", fmt.Errorf("coordinator URL %q must look like https://HOST:PORT", s)
 	}
 	switch {
 	case u.Scheme == "http":

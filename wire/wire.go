@@ -168,10 +168,13 @@ type Token struct {
 
 // TokenCreateRequest asks for a new enrollment token.
 type TokenCreateRequest struct {
-	TTL     Duration `json:"ttl"`
-	MaxUses int      `json:"max_uses"` // 0 = reusable until expiry
-	Tags    []string `json:"tags"`
-	Role    string   `json:"role"`
+	TTL Duration `json:"ttl"` // 0 = 1h
+	// MaxUses is how many enrollments the token allows; 0 means 1 unless
+	// Reusable is set. A token is never unlimited by omission.
+	MaxUses  int      `json:"max_uses"`
+	Reusable bool     `json:"reusable"` // any number of uses until expiry
+	Tags     []string `json:"tags"`
+	Role     string   `json:"role"`
 }
 
 // TokenCreateResponse is returned once; the secret is not stored.

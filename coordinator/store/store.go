@@ -22,6 +22,7 @@ var (
 	ErrKeyTaken      = errors.New("WireGuard key already registered")
 	ErrPoolExhausted = errors.New("address pool exhausted")
 	ErrRevoked       = errors.New("revoked")
+	ErrAmbiguous     = errors.New("ambiguous node reference") // a name that is also another node's id
 )
 
 // Token is an enrollment token. Only the SHA-256 hash of its secret is kept.

@@ -1,0 +1,370 @@
+package sqlite
+
+import (
+	"context"
+	"database/sql"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/netip"
+	"time"
+
+	"github.com/meshctl/meshctl/coordinator/ipam"
+	"github.com/meshctl/meshctl/coordinator/store"
+)
+
+// Enroll verifies and consumes the token, checks name and key, allocates
+// addresses and inserts the node and its audit row, all in one transaction.
+func (s *Store) Enroll(ctx context.Context, p store.EnrollParams) (store.Node, error) {
+	if err := checkEnroll(p); err != nil {
+		return store.Node{}, fmt.Errorf("enroll %q: %w", p.Name, err)
+	}
+	var n store.Node
+	err := s.write(ctx, func(tx *sql.Tx) error {
+		var err error
+		n, err = s.enroll(ctx, tx, p)
+		return err
+	})
+	if err != nil {
+		return store.Node{}, fmt.Errorf("enroll %q: %w", p.Name, err)
+	}
+	return n, nil
+}
+
+func checkEnroll(p store.EnrollParams) error {
+	switch {
+	case p.NodeID == "":
+		return errors.New("empty node id")
+	case p.Name == "":
+		return errors.New("empty name")
+	case p.WireGuardKey == "":
+		return errors.New("empty WireGuard key")
+	case p.Now.IsZero():
+		return errors.New("zero time")
+	case p.Quarantine < 0:
+		return fmt.Errorf("negative quarantine %v", p.Quarantine)
+	case !p.IPv4Pool.IsValid() || !p.IPv4Pool.Addr().Is4():
+		return fmt.Errorf("IPv4 pool %v is not an IPv4 prefix", p.IPv4Pool)
+	}
+	if _, err := ipam.IPv6For(p.IPv6Pool, netip.IPv4Unspecified()); err != nil {
+		return err
+	}
+	return checkTime("time", p.Now)
+}
+
+func (s *Store) enroll(ctx context.Context, tx *sql.Tx, p store.EnrollParams) (store.Node, error) {
+	var none store.Node
+	now := p.Now.UnixNano()
+
+	// The token: known, accepted by the caller, and usable now. The UPDATE
+	// re-checks in SQL what VerifyToken should have, so a forgetful
+	// VerifyToken cannot overspend or revive a token.
+	tok, err := scanToken(tx.QueryRowContext(ctx, `SELECT `+tokenCols+` FROM tokens WHERE id = ?`, p.TokenID))
+	if errors.Is(err, sql.ErrNoRows) {
+		return none, fmt.Errorf("unknown token %q: %w", p.TokenID, store.ErrTokenInvalid)
+	}
+	if err != nil {
+		return none, fmt.Errorf("load token: %w", err)
+	}
+	if p.VerifyToken == nil {
+		return none, fmt.Errorf("token %s: no VerifyToken given: %w", tok.ID, store.ErrTokenInvalid)
+	}
+	if err := p.VerifyToken(tok); err != nil {
+		return none, fmt.Errorf("token %s: %w (%w)", tok.ID, store.ErrTokenInvalid, err)
+	}
+	res, err := tx.ExecContext(ctx, `UPDATE tokens SET uses = uses + 1
+		WHERE id = ? AND revoked_at IS NULL AND expires > ? AND (max_uses = 0 OR uses < max_uses)`, tok.ID, now)
+	if err != nil {
+		return none, fmt.Errorf("consume token: %w", err)
+	}
+	if k, err := res.RowsAffected(); err != nil {
+		return none, fmt.Errorf("consume token: %w", err)
+	} else if k != 1 {
+		return none, fmt.Errorf("token %s is expired, revoked or used up: %w", tok.ID, store.ErrTokenInvalid)
+	}
+
+	// Name and key.
+	if taken, err := exists(ctx, tx, `SELECT 1 FROM nodes WHERE name = ? AND revoked_at IS NULL`, p.Name); err != nil {
+		return none, fmt.Errorf("check name: %w", err)
+	} else if taken {
+		return none, store.ErrNameTaken
+	}
+	if taken, err := exists(ctx, tx, `SELECT 1 FROM nodes WHERE wg_key = ?`, p.WireGuardKey); err != nil {
+		return none, fmt.Errorf("check key: %w", err)
+	} else if taken {
+		return none, store.ErrKeyTaken
+	}
+
+	// Addresses. Revoked nodes keep theirs until the quarantine has passed.
+	res, err = tx.ExecContext(ctx, `UPDATE nodes SET ip_released = 1
+		WHERE revoked_at IS NOT NULL AND revoked_at <= ? AND ip_released = 0`, p.Now.Add(-p.Quarantine).UnixNano())
+	if err != nil {
+		return none, fmt.Errorf("release quarantined addresses: %w", err)
+	}
+	if k, _ := res.RowsAffected(); k > 0 {
+		s.log.Info("released addresses of revoked nodes after quarantine", "nodes", k)
+	}
+	v4, v6, err := allocate(ctx, tx, p.IPv4Pool, p.IPv6Pool)
+	if err != nil {
+		return none, err
+	}
+
+	tags, err := strList(tok.Tags)
+	if err != nil {
+		return none, fmt.Errorf("encode tags: %w", err)
+	}
+	_, err = tx.ExecContext(ctx, `INSERT INTO nodes (id, name, role, ipv4, ipv6, wg_key, tags, token_id, created)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+		p.NodeID, p.Name, tok.Role, v4.String(), v6.String(), p.WireGuardKey, tags, tok.ID, now)
+	if err != nil {
+		return none, insertNodeError(err)
+	}
+	if err := insertAudit(ctx, tx, p.Now, p.Actor, "node.enroll", p.Name,
+		fmt.Sprintf("id=%s token=%s ipv4=%s ipv6=%s", p.NodeID, tok.ID, v4, v6)); err != nil {
+		return none, err
+	}
+	return getNode(ctx, tx, p.NodeID)
+}
+
+// allocate returns the lowest free IPv4 address of pool4 and its IPv6
+// counterpart. Addresses held by active nodes and by revoked nodes still in
+// quarantine (ip_released = 0) are taken, in either family.
+func allocate(ctx context.Context, tx *sql.Tx, pool4, pool6 netip.Prefix) (netip.Addr, netip.Addr, error) {
+	var none netip.Addr
+	rows, err := tx.QueryContext(ctx, `SELECT ipv4, ipv6 FROM nodes WHERE ip_released = 0`)
+	if err != nil {
+		return none, none, fmt.Errorf("load addresses: %w", err)
+	}
+	defer rows.Close()
+	used := map[netip.Addr]bool{}
+	for rows.Next() {
+		var a4, a6 string
+		if err := rows.Scan(&a4, &a6); err != nil {
+			return none, none, fmt.Errorf("load addresses: %w", err)
+		}
+		for _, s := range []string{a4, a6} {
+			a, err := netip.ParseAddr(s)
+			if err != nil {
+				return none, none, fmt.Errorf("load addresses: stored address %q: %w", s, err)
+			}
+			used[a] = true
+		}
+	}
+	if err := rows.Err(); err != nil {
+		return none, none, fmt.Errorf("load addresses: %w", err)
+	}
+	v4, ok := ipam.Next(pool4, func(a netip.Addr) bool {
+		if used[a] {
+			return true
+		}
+		a6, err := ipam.IPv6For(pool6, a)
+		return err != nil || used[a6]
+	})
+	if !ok {
+		return none, none, fmt.Errorf("no free address in %v: %w", pool4, store.ErrPoolExhausted)
+	}
+	v6, err := ipam.IPv6For(pool6, v4)
+	if err != nil {
+		return none, none, err
+	}
+	return v4, v6, nil
+}
+
+// insertNodeError maps constraint violations the explicit checks should
+// have caught to the sentinels.
+func insertNodeError(err error) error {
+	switch {
+	case isUnique(err, "nodes.name"):
+		return store.ErrNameTaken
+	case isUnique(err, "nodes.wg_key"):
+		return store.ErrKeyTaken
+	case isUnique(err, "nodes.id"):
+		return fmt.Errorf("insert node: node id already exists: %w", err)
+	}
+	return fmt.Errorf("insert node: %w", err)
+}
+
+// exists reports whether query returns a row.
+func exists(ctx context.Context, tx *sql.Tx, query string, args ...any) (bool, error) {
+	var x int
+	err := tx.QueryRowContext(ctx, query, args...).Scan(&x)
+	if errors.Is(err, sql.ErrNoRows) {
+		return false, nil
+	}
+	return err == nil, err
+}
+
+type queryRower interface {
+	QueryRowContext(context.Context, string, ...any) *sql.Row
+}
+
+func getNode(ctx context.Context, q queryRower, id string) (store.Node, error) {
+	n, err := scanNode(q.QueryRowContext(ctx, `SELECT `+nodeCols+` FROM nodes WHERE id = ?`, id))
+	if errors.Is(err, sql.ErrNoRows) {
+		return n, fmt.Errorf("node %s: %w", id, store.ErrNotFound)
+	}
+	if err != nil {
+		return n, fmt.Errorf("get node %s: %w", id, err)
+	}
+	return n, nil
+}
+
+// GetNode returns the node with this id, revoked or not.
+func (s *Store) GetNode(ctx context.Context, id string) (store.Node, error) {
+	return getNode(ctx, s.reader, id)
+}
+
+// ListNodes returns all nodes, revoked ones included, in creation order.
+func (s *Store) ListNodes(ctx context.Context) ([]store.Node, error) {
+	l, err := queryAll(ctx, s.reader, scanNode, `SELECT `+nodeCols+` FROM nodes ORDER BY created, rowid`)
+	if err != nil {
+		return nil, fmt.Errorf("list nodes: %w", err)
+	}
+	return l, nil
+}
+
+// findActive returns the active node whose name or id is nameOrID. A string
+// that is one active node's name and another's id is refused as ambiguous
+// rather than guessed at.
+func findActive(ctx context.Context, tx *sql.Tx, nameOrID string) (store.Node, error) {
+	l, err := queryAll(ctx, tx, scanNode, `SELECT `+nodeCols+` FROM nodes
+		WHERE revoked_at IS NULL AND (name = ? OR id = ?)`, nameOrID, nameOrID)
+	switch {
+	case err != nil:
+		return store.Node{}, fmt.Errorf("find node: %w", err)
+	case len(l) == 0:
+		return store.Node{}, fmt.Errorf("no active node %q: %w", nameOrID, store.ErrNotFound)
+	case len(l) > 1:
+		return store.Node{}, fmt.Errorf("%w: %q is the name of one node and the id of another (%s, %s)",
+			store.ErrAmbiguous, nameOrID, l[0].ID, l[1].ID)
+	}
+	return l[0], nil
+}
+
+// RevokeNode revokes the active node with this name or id.
+func (s *Store) RevokeNode(ctx context.Context, nameOrID string, now time.Time, actor string) (store.Node, error) {
+	if now.IsZero() {
+		return store.Node{}, fmt.Errorf("revoke node %q: zero time", nameOrID)
+	}
+	if err := checkTime("time", now); err != nil {
+		return store.Node{}, fmt.Errorf("revoke node %q: %w", nameOrID, err)
+	}
+	var n store.Node
+	err := s.write(ctx, func(tx *sql.Tx) error {
+		old, err := findActive(ctx, tx, nameOrID)
+		if err != nil {
+			return err
+		}
+		if _, err := tx.ExecContext(ctx, `UPDATE nodes SET revoked_at = ? WHERE id = ?`, now.UnixNano(), old.ID); err != nil {
+			return err
+		}
+		if err := insertAudit(ctx, tx, now, actor, "node.revoke", old.Name,
+			fmt.Sprintf("id=%s ipv4=%s ipv6=%s", old.ID, old.IPv4, old.IPv6)); err != nil {
+			return err
+		}
+		n, err = getNode(ctx, tx, old.ID)
+		return err
+	})
+	if err != nil {
+		return store.Node{}, fmt.Errorf("revoke node %q: %w", nameOrID, err)
+	}
+	return n, nil
+}
+
+// RenameNode renames an active node. Renaming a node to its own name
+// changes nothing and writes no audit row.
+func (s *Store) RenameNode(ctx context.Context, nameOrID, newName string, now time.Time, actor string) (store.Node, error) {
+	if newName == "" {
+		return store.Node{}, fmt.Errorf("rename node %q: empty new name", nameOrID)
+	}
+	var n store.Node
+	err := s.write(ctx, func(tx *sql.Tx) error {
+		old, err := findActive(ctx, tx, nameOrID)
+		if err != nil {
+			return err
+		}
+		if old.Name == newName {
+			n = old
+			return nil
+		}
+		taken, err := exists(ctx, tx, `SELECT 1 FROM nodes WHERE name = ? AND revoked_at IS NULL`, newName)
+		if err != nil {
+			return fmt.Errorf("check name: %w", err)
+		}
+		if taken {
+			return fmt.Errorf("%q: %w", newName, store.ErrNameTaken)
+		}
+		if _, err := tx.ExecContext(ctx, `UPDATE nodes SET name = ? WHERE id = ?`, newName, old.ID); err != nil {
+			if isUnique(err, "nodes.name") {
+				return fmt.Errorf("%q: %w", newName, store.ErrNameTaken)
+			}
+			return err
+		}
+		if err := insertAudit(ctx, tx, auditTime(now), actor, "node.rename", old.Name,
+			fmt.Sprintf("new=%s id=%s", newName, old.ID)); err != nil {
+			return err
+		}
+		n, err = getNode(ctx, tx, old.ID)
+		return err
+	})
+	if err != nil {
+		return store.Node{}, fmt.Errorf("rename node %q to %q: %w", nameOrID, newName, err)
+	}
+	return n, nil
+}
+
+// UpdateNode sets the services and/or endpoints of an active node.
+func (s *Store) UpdateNode(ctx context.Context, id string, servicesJSON *string, endpoints *[]string) (store.Node, error) {
+	var services, eps any // nil = keep the column
+	if servicesJSON != nil {
+		var l []json.RawMessage
+		if err := json.Unmarshal([]byte(*servicesJSON), &l); err != nil || l == nil {
+			return store.Node{}, fmt.Errorf("update node %s: services must be a JSON array", id)
+		}
+		services = *servicesJSON
+	}
+	if endpoints != nil {
+		e, err := strList(*endpoints)
+		if err != nil {
+			return store.Node{}, fmt.Errorf("update node %s: %w", id, err)
+		}
+		eps = e
+	}
+	var n store.Node
+	err := s.write(ctx, func(tx *sql.Tx) error {
+		old, err := getNode(ctx, tx, id)
+		if err != nil {
+			return err
+		}
+		if old.Revoked() {
+			return store.ErrRevoked
+		}
+		if _, err := tx.ExecContext(ctx, `UPDATE nodes SET services = coalesce(?, services), endpoints = coalesce(?, endpoints)
+			WHERE id = ?`, services, eps, id); err != nil {
+			return err
+		}
+		n, err = getNode(ctx, tx, id)
+		return err
+	})
+	if err != nil {
+		return store.Node{}, fmt.Errorf("update node %s: %w", id, err)
+	}
+	return n, nil
+}
+
+// TouchNode records that the node was seen at t.
+func (s *Store) TouchNode(ctx context.Context, id string, t time.Time) error {
+	if err := checkTime("time", t); err != nil {
+		return fmt.Errorf("touch node %s: %w", id, err)
+	}
+	res, err := s.writer.ExecContext(ctx, `UPDATE nodes SET last_seen = ? WHERE id = ?`, timeArg(t), id)
+	if err != nil {
+		return fmt.Errorf("touch node %s: %w", id, err)
+	}
+	if k, err := res.RowsAffected(); err != nil {
+		return fmt.Errorf("touch node %s: %w", id, err)
+	} else if k == 0 {
+		return fmt.Errorf("touch node %s: %w", id, store.ErrNotFound)
+	}
+	return nil
+}
