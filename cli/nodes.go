@@ -75,7 +75,7 @@ func nodesList(c *cli.Context) error {
 		case n.Online:
 			state = "online"
 		}
-		rows = append(rows, []string{n.Name, n.ID, n.IPv4, n.IPv6, state, ago(n.LastSeen, now), orDash(strings.Join(n.Tags, ","))})
+		rows = append(rows, []string{n.Name, n.ID, n.IPv4, n.IPv6, state, agoPtr(n.LastSeen, now), orDash(strings.Join(n.Tags, ","))})
 	}
 	if len(rows) == 1 {
 		fmt.Fprintln(c.App.Writer, "No nodes yet. Create a token with `meshctl token create` and run the printed line on a device.")
@@ -126,4 +126,11 @@ func nodesRename(c *cli.Context) error {
 	}
 	fmt.Fprintf(c.App.Writer, "node %s renamed to %s\n", args[0], n.Name)
 	return nil
+}
+
+func agoPtr(t *time.Time, now time.Time) string {
+	if t == nil {
+		return "never"
+	}
+	return ago(*t, now)
 }

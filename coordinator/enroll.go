@@ -135,12 +135,21 @@ func (s *Server) wireNode(n *store.Node) wire.Node {
 		Tags:         nonNil(p.Tags),
 		Services:     nonNil(p.Services),
 		Endpoints:    nonNil(p.Endpoints),
-		Created:      n.Created,
-		LastSeen:     s.seen.lastSeen(n.ID, n.LastSeen),
+		Created:      n.Created.UTC(),
+		LastSeen:     timePtr(s.seen.lastSeen(n.ID, n.LastSeen)),
 		Online:       !n.Revoked() && s.seen.online(n.ID),
 		Revoked:      n.Revoked(),
-		RevokedAt:    n.RevokedAt,
+		RevokedAt:    timePtr(n.RevokedAt),
 	}
+}
+
+// timePtr renders a time for JSON: nil (null) for the zero time, else UTC.
+func timePtr(t time.Time) *time.Time {
+	if t.IsZero() {
+		return nil
+	}
+	t = t.UTC()
+	return &t
 }
 
 func nonNil[T any](s []T) []T {

@@ -127,7 +127,7 @@ func TestRevokedNodeRefusedAndRemoved(t *testing.T) {
 	if err := c.Admin(http.MethodPost, wire.PathAdminNodeRevoke, wire.NameRequest{Name: "victim"}, &revoked); err != nil {
 		t.Fatal(err)
 	}
-	if !revoked.Revoked || revoked.RevokedAt.IsZero() {
+	if !revoked.Revoked || revoked.RevokedAt == nil {
 		t.Fatalf("revoke answer %+v", revoked)
 	}
 	_, err := v.Client.Netmap(ctx(t), 0)

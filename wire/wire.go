@@ -95,20 +95,20 @@ type RenewResponse struct {
 
 // Node is a node as the coordinator knows it.
 type Node struct {
-	ID           string    `json:"id"`
-	Name         string    `json:"name"`
-	Role         string    `json:"role"`
-	IPv4         string    `json:"ipv4"`
-	IPv6         string    `json:"ipv6"`
-	WireGuardKey string    `json:"public_key"`
-	Tags         []string  `json:"tags"`
-	Services     []Service `json:"services"`
-	Endpoints    []string  `json:"endpoints"`
-	Created      time.Time `json:"created"`
-	LastSeen     time.Time `json:"last_seen,omitzero"`
-	Online       bool      `json:"online"`
-	Revoked      bool      `json:"revoked"`
-	RevokedAt    time.Time `json:"revoked_at,omitzero"`
+	ID           string     `json:"id"`
+	Name         string     `json:"name"`
+	Role         string     `json:"role"`
+	IPv4         string     `json:"ipv4"`
+	IPv6         string     `json:"ipv6"`
+	WireGuardKey string     `json:"public_key"`
+	Tags         []string   `json:"tags"`
+	Services     []Service  `json:"services"`
+	Endpoints    []string   `json:"endpoints"`
+	Created      time.Time  `json:"created"`
+	LastSeen     *time.Time `json:"last_seen"` // null: never seen
+	Online       bool       `json:"online"`
+	Revoked      bool       `json:"revoked"`
+	RevokedAt    *time.Time `json:"revoked_at"` // null: not revoked
 }
 
 // Service is a service a node publishes on its overlay address. The
