@@ -10,7 +10,9 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/meshctl/meshctl/pki"
@@ -51,7 +53,9 @@ func Enroll(ctx context.Context, o EnrollOptions) (*State, *wire.EnrollResponse,
 	if o.StateDir == "" || o.Name == "" {
 		return nil, nil, errors.New("enroll: StateDir and Name are required")
 	}
-	if err := pki.EnsurePrivateDir(o.StateDir); err != nil {
+	// The state dir is created only once the coordinator has said yes, so
+	// a refused enrollment leaves nothing behind; check now that it can be.
+	if err := checkCreatable(o.StateDir); err != nil {
 		return nil, nil, err
 	}
 	if !o.Force {
@@ -122,6 +126,9 @@ func Enroll(ctx context.Context, o EnrollOptions) (*State, *wire.EnrollResponse,
 	if err := st.validate(); err != nil {
 		return nil, nil, fmt.Errorf("coordinator's answer is unusable: %w", err)
 	}
+	if err := pki.EnsurePrivateDir(o.StateDir); err != nil {
+		return nil, nil, err
+	}
 	if err := SaveNetmap(o.StateDir, &resp.Netmap); err != nil {
 		return nil, nil, err
 	}
@@ -172,4 +179,24 @@ func explainTLS(err error, base string, pinned bool) error {
 		return fmt.Errorf("the coordinator at %s did not answer in time: %w", base, err)
 	}
 	return err
+}
+
+// checkCreatable reports whether dir exists as a directory, or could be
+// created (its nearest existing ancestor is a writable directory).
+func checkCreatable(dir string) error {
+	for d := filepath.Clean(dir); ; d = filepath.Dir(d) {
+		st, err := os.Stat(d)
+		if err == nil {
+			if !st.IsDir() {
+				return fmt.Errorf("state dir %s: %s is not a directory", dir, d)
+			}
+			if d != filepath.Clean(dir) && syscall.Access(d, 2 /* W_OK */) != nil {
+				return fmt.Errorf("cannot create state dir %s: %s is not writable (run as root, or pick another --state-dir)", dir, d)
+			}
+			return nil
+		}
+		if !errors.Is(err, os.ErrNotExist) || d == filepath.Dir(d) {
+			return fmt.Errorf("state dir %s: %w", dir, err)
+		}
+	}
 }
