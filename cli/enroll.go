@@ -6,6 +6,7 @@ import (
 	"strings"
 
 	"github.com/meshctl/meshctl/node"
+	"github.com/meshctl/meshctl/pki"
 	"github.com/urfave/cli/v2"
 )
 
@@ -48,10 +49,12 @@ func runEnroll(c *cli.Context) error {
 	}
 	token := c.String("token")
 	if f := c.String("token-file"); f != "" {
-		if token != "" {
+		// An exported MESHCTL_TOKEN yields to an explicit --token-file;
+		// --token on the command line does not.
+		if token != "" && token != os.Getenv("MESHCTL_TOKEN") {
 			return usageError("--token and --token-file exclude each other")
 		}
-		b, err := os.ReadFile(f)
+		b, err := pki.ReadPrivateFile(f)
 		if err != nil {
 			return fmt.Errorf("token file: %w", err)
 		}

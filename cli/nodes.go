@@ -77,10 +77,15 @@ func nodesList(c *cli.Context) error {
 		}
 		rows = append(rows, []string{n.Name, n.ID, n.IPv4, n.IPv6, state, agoPtr(n.LastSeen, now), orDash(strings.Join(n.Tags, ","))})
 	}
-	if len(rows) == 1 {
+	switch {
+	case len(rows) == 1 && hidden > 0:
+		fmt.Fprintln(c.App.Writer, "No active nodes.")
+	case len(rows) == 1:
 		fmt.Fprintln(c.App.Writer, "No nodes yet. Create a token with `meshctl token create` and run the printed line on a device.")
-	} else if err := table(c.App.Writer, rows); err != nil {
-		return err
+	default:
+		if err := table(c.App.Writer, rows); err != nil {
+			return err
+		}
 	}
 	if hidden > 0 {
 		fmt.Fprintf(c.App.Writer, "(%d revoked node(s) not shown; --all shows them)\n", hidden)
