@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/meshctl/meshctl/coordinator"
+	"github.com/meshctl/meshctl/internal/meshtest"
 	"github.com/meshctl/meshctl/wire"
 	"github.com/urfave/cli/v2"
 )
@@ -58,42 +59,17 @@ func isolateEnv(t *testing.T) {
 	}
 }
 
-// shortDir returns a fresh directory with a short path (the coordinator's
-// admin socket must fit in 107 bytes), removed at cleanup.
-func shortDir(t *testing.T) string {
-	t.Helper()
-	d, err := os.MkdirTemp("", "m")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(d) })
-	return d
-}
-
-// startCoordinator runs a coordinator in-process and returns it and its
-// data dir.
+// startCoordinator runs a coordinator in-process (real clock) and returns
+// it and its data dir.
 func startCoordinator(t *testing.T) (*coordinator.Server, string) {
 	t.Helper()
-	dir := filepath.Join(shortDir(t), "d")
-	srv, err := coordinator.New(coordinator.Options{DataDir: dir, Listen: "127.0.0.1:0", PublicHost: "127.0.0.1"})
-	if err != nil {
-		t.Fatalf("coordinator.New: %v", err)
-	}
-	if err := srv.Start(); err != nil {
-		srv.Close()
-		t.Fatalf("coordinator Start: %v", err)
-	}
-	t.Cleanup(func() {
-		if err := srv.Close(); err != nil {
-			t.Errorf("coordinator Close: %v", err)
-		}
-	})
-	return srv, dir
+	c := meshtest.NewCoordinator(t, func(o *coordinator.Options) { o.Now = nil })
+	return c.Server, c.Dir
 }
 
 func TestFlagsAfterArgumentsRefused(t *testing.T) {
 	isolateEnv(t)
-	d := shortDir(t) // no server: the usage check must come first
+	d := meshtest.ShortTempDir(t) // no server: the usage check must come first
 	for _, args := range [][]string{
 		{"nodes", "revoke", "pi1", "--data-dir", d},
 		{"nodes", "rename", "pi1", "pi2", "--data-dir", d},
@@ -203,7 +179,7 @@ func TestEnvVarEquivalentToFlag(t *testing.T) {
 	}
 
 	// A flag still beats the environment.
-	other := shortDir(t)
+	other := meshtest.ShortTempDir(t)
 	if o := run("token", "list", "--data-dir", other); o.code == 0 || !strings.Contains(o.stderr, other) {
 		t.Errorf("--data-dir %s did not override MESHCTL_DATA_DIR: %s", other, o)
 	}
@@ -263,7 +239,7 @@ func TestTokenCreateOptions(t *testing.T) {
 
 func TestTokenCreateUsageErrors(t *testing.T) {
 	isolateEnv(t)
-	d := shortDir(t) // no server needed: these fail before any request
+	d := meshtest.ShortTempDir(t) // no server needed: these fail before any request
 	for _, tc := range []struct {
 		args []string
 		want string
@@ -296,7 +272,7 @@ func TestVersion(t *testing.T) {
 
 func TestAdminCommandWithoutServer(t *testing.T) {
 	isolateEnv(t)
-	empty := shortDir(t)
+	empty := meshtest.ShortTempDir(t)
 	missing := filepath.Join(empty, "nope")
 	for _, d := range []string{empty, missing} {
 		for _, args := range [][]string{

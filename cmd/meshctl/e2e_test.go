@@ -7,6 +7,7 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"github.com/meshctl/meshctl/internal/meshtest"
 	"io/fs"
 	"net/netip"
 	"os"
@@ -211,7 +212,7 @@ func otherPin(pin string) string {
 
 func TestEndToEnd(t *testing.T) {
 	needBinary(t)
-	dataDir := filepath.Join(shortDir(t), "d")
+	dataDir := filepath.Join(meshtest.ShortTempDir(t), "d")
 	port := freePort(t)
 	srv := startServer(t, dataDir, port)
 	url := "https://127.0.0.1:" + port

@@ -251,18 +251,6 @@ func freePort(t *testing.T) string {
 	return strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)
 }
 
-// shortDir returns a fresh directory with a short path (the server's admin
-// socket must fit in 107 bytes), removed at cleanup.
-func shortDir(t *testing.T) string {
-	t.Helper()
-	d, err := os.MkdirTemp("", "m")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(d) })
-	return d
-}
-
 // server is a running `meshctl server`.
 type server struct {
 	*proc
