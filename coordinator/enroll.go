@@ -82,7 +82,7 @@ func (s *Server) handleEnroll(w http.ResponseWriter, r *http.Request) error {
 	}
 	s.state.apply(node.ID, peerOf(&node))
 	s.log.Info("node enrolled", "node", node.Name, "id", node.ID, "ipv4", node.IPv4, "token_id", tokenID, "remote", src)
-	nm, _ := s.state.current().netmapFor(node.ID, &s.opts)
+	nm, _ := s.state.current().netmapFor(node.ID, &s.opts, s.ipv6)
 	writeJSON(w, http.StatusOK, wire.EnrollResponse{
 		Node:        s.wireNode(&node),
 		Certificate: string(pki.CertPEM(cert)),

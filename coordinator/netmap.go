@@ -3,6 +3,7 @@ package coordinator
 import (
 	"cmp"
 	"encoding/json"
+	"net/netip"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -91,7 +92,7 @@ func (s *netmapState) apply(id string, p *wire.Peer) {
 
 // netmapFor renders the netmap node id sees, or false if the node is not
 // active in snap. Every active node sees every other (full mesh).
-func (snap *snapshot) netmapFor(id string, o *Options) (wire.Netmap, bool) {
+func (snap *snapshot) netmapFor(id string, o *Options, ipv6Pool netip.Prefix) (wire.Netmap, bool) {
 	self, ok := snap.byID[id]
 	if !ok {
 		return wire.Netmap{}, false
@@ -102,6 +103,8 @@ func (snap *snapshot) netmapFor(id string, o *Options) (wire.Netmap, bool) {
 		Peers:         make([]wire.Peer, 0, len(snap.sorted)),
 		ProxyEndpoint: o.WGEndpoint,
 		Domain:        o.Domain,
+		IPv4Pool:      o.IPv4Pool.String(),
+		IPv6Pool:      ipv6Pool.String(),
 	}
 	for _, p := range snap.sorted {
 		if p.ID != id {

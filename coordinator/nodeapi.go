@@ -82,7 +82,7 @@ func (s *Server) handleNetmap(w http.ResponseWriter, r *http.Request, id string)
 	for {
 		snap := s.state.current()
 		if snap.version != since {
-			nm, ok := snap.netmapFor(id, &s.opts)
+			nm, ok := snap.netmapFor(id, &s.opts, s.ipv6)
 			if !ok {
 				return s.refuseGone(r.Context(), id)
 			}

@@ -143,6 +143,10 @@ type Netmap struct {
 	ProxyEndpoint string `json:"proxy_endpoint,omitempty"`
 	// Domain is the proxy's domain (<name>.<domain>), empty without a proxy.
 	Domain string `json:"domain,omitempty"`
+	// IPv4Pool and IPv6Pool are the overlay prefixes every member's
+	// addresses come from (routed into a TUN interface as a whole).
+	IPv4Pool string `json:"ipv4_pool"`
+	IPv6Pool string `json:"ipv6_pool"`
 }
 
 // UpdateRequest reports what a node publishes and where it can be reached.
