@@ -40,7 +40,11 @@ func NewApp(stdout, stderr io.Writer) *cli.App {
   audit        the audit log (admin)
   admin-key …  keys for remote admin access
   enroll       join this device to a mesh (node)
-  netmap       show this node's current view of the mesh (node)
+  up           run this node: WireGuard device, published services (node)
+  status       this node's addresses, coordinator, peers, services (node)
+  ping, nc     reach a peer over the mesh (node)
+  wg show      the WireGuard device, like wg show (node)
+  netmap       fetch this node's current view of the mesh (node)
 
 Admin commands talk to a local server through the Unix socket in its data dir
 (--data-dir, default /var/lib/meshctl-server), or to a remote one with
@@ -62,6 +66,11 @@ Every flag can also be set with the MESHCTL_* variable shown in its help.`,
 			nodesCommand(),
 			auditCommand(),
 			adminKeyCommand(),
+			upCommand(),
+			statusCommand(),
+			pingCommand(),
+			ncCommand(),
+			wgCommand(),
 			netmapCommand(),
 			versionCommand(),
 		},

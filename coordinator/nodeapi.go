@@ -24,7 +24,16 @@ type nodeIDKey struct{}
 // chain to the coordinator CA for client auth at the current time, and name
 // (as CommonName) a node that is enrolled and not revoked. Everything else
 // is refused with a message that says what to do.
+//
+// The renew endpoint (graceful) also accepts a certificate that expired less
+// than RenewGrace ago: the TLS handshake proved possession of its key, so a
+// node that was offline past its certificate's lifetime can renew instead
+// of re-enrolling. Revoked nodes never can.
 func (s *Server) nodeAuth(h func(w http.ResponseWriter, r *http.Request, nodeID string) error) http.Handler {
+	return s.nodeAuthGrace(h, false)
+}
+
+func (s *Server) nodeAuthGrace(h func(w http.ResponseWriter, r *http.Request, nodeID string) error, graceful bool) http.Handler {
 	return s.handle(func(w http.ResponseWriter, r *http.Request) error {
 		if r.TLS == nil || len(r.TLS.PeerCertificates) == 0 {
 			return errf(http.StatusUnauthorized, wire.CodeUnauthorized, "this endpoint needs the node's client certificate: enroll first (meshctl enroll)")
@@ -33,15 +42,24 @@ func (s *Server) nodeAuth(h func(w http.ResponseWriter, r *http.Request, nodeID 
 		roots := x509.NewCertPool()
 		roots.AddCert(s.ca.Cert)
 		now := s.opts.Now()
+		at := now
+		if graceful && now.After(leaf.NotAfter) && now.Before(leaf.NotAfter.Add(s.opts.RenewGrace)) {
+			at = leaf.NotAfter // verify the chain as of the last valid instant
+		}
 		if _, err := leaf.Verify(x509.VerifyOptions{
 			Roots:       roots,
-			CurrentTime: now,
+			CurrentTime: at,
 			KeyUsages:   []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
 		}); err != nil {
 			var inv x509.CertificateInvalidError
 			if errors.As(err, &inv) && inv.Reason == x509.Expired {
-				return &apiError{status: http.StatusForbidden, code: wire.CodeForbidden, cause: err,
-					msg: fmt.Sprintf("the node certificate expired at %s; re-enroll this device with a new token (meshctl enroll --force …)", leaf.NotAfter.UTC().Format(time.RFC3339))}
+				msg := fmt.Sprintf("the node certificate expired at %s; the agent renews it automatically within %s of expiry",
+					leaf.NotAfter.UTC().Format(time.RFC3339), s.opts.RenewGrace)
+				if now.After(leaf.NotAfter.Add(s.opts.RenewGrace)) {
+					msg = fmt.Sprintf("the node certificate expired at %s, longer ago than the %s renewal grace; re-enroll this device with a new token (meshctl enroll --force …)",
+						leaf.NotAfter.UTC().Format(time.RFC3339), s.opts.RenewGrace)
+				}
+				return &apiError{status: http.StatusForbidden, code: wire.CodeCertExpired, cause: err, msg: msg}
 			}
 			return &apiError{status: http.StatusForbidden, code: wire.CodeForbidden, cause: err,
 				msg: "the client certificate was not issued by this coordinator for a node"}

@@ -189,8 +189,32 @@ func TestCertificateExpiryAndRenewal(t *testing.T) {
 	c.Clock.Advance(4 * time.Hour)
 	_, err = a.Client.Netmap(ctx(t), 0)
 	var ae *wire.APIError
-	if !errors.As(err, &ae) || ae.Status != http.StatusForbidden || !strings.Contains(ae.Message, "expired") {
-		t.Fatalf("expired certificate: want 403 saying expired, got %v", err)
+	if !errors.As(err, &ae) || ae.Status != http.StatusForbidden || ae.Code != wire.CodeCertExpired || !strings.Contains(ae.Message, "expired") {
+		t.Fatalf("expired certificate: want 403 cert_expired, got %v", err)
+	}
+	// Within the renewal grace, the expired certificate can still renew.
+	if renewed, err := a.Client.RenewIfDue(ctx(t), c.Clock.Now(), false); err != nil || !renewed {
+		t.Fatalf("renewal within the grace: %v %v", renewed, err)
+	}
+	if _, err := a.Client.Netmap(ctx(t), 0); err != nil {
+		t.Fatalf("certificate renewed within the grace refused: %v", err)
+	}
+	// Beyond the grace, only a new enrollment helps.
+	c.Clock.Advance(3*time.Hour + coordinator.DefaultRenewGrace + time.Hour)
+	_, err = a.Client.RenewIfDue(ctx(t), c.Clock.Now(), false)
+	if !wire.IsCode(err, wire.CodeCertExpired) || !strings.Contains(err.Error(), "re-enroll") {
+		t.Fatalf("renewal beyond the grace: want cert_expired saying re-enroll, got %v", err)
+	}
+}
+
+func TestRevokedNodeCannotRenew(t *testing.T) {
+	c := meshtest.NewCoordinator(t)
+	a := c.AddNode(t, "a")
+	if err := c.Admin(http.MethodPost, wire.PathAdminNodeRevoke, wire.NameRequest{Name: "a"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Client.RenewIfDue(ctx(t), c.Clock.Now(), true); !errors.Is(err, node.ErrRevoked) {
+		t.Fatalf("revoked node renewing: %v", err)
 	}
 }
 

@@ -38,6 +38,7 @@ const (
 	DefaultQuarantine   = 7 * 24 * time.Hour
 	DefaultCertValidity = 24 * time.Hour
 	DefaultLongPoll     = 50 * time.Second
+	DefaultRenewGrace   = 30 * 24 * time.Hour
 	AdminSocketName     = "admin.sock"
 	DBFile              = "meshctl.db"
 )
@@ -69,6 +70,9 @@ type Options struct {
 	Quarantine time.Duration
 	// CertValidity is the lifetime of node client certificates. Default 24h.
 	CertValidity time.Duration
+	// RenewGrace is how long after its expiry a node certificate can still
+	// renew itself (proving possession of its key). Default 30 days.
+	RenewGrace time.Duration
 	// LongPoll is how long a netmap request waits for a change before it
 	// answers 304. Up to 10% jitter is added. Default 50s.
 	LongPoll time.Duration
@@ -131,6 +135,9 @@ func New(opts Options) (s *Server, err error) {
 	}
 	if opts.CertValidity == 0 {
 		opts.CertValidity = DefaultCertValidity
+	}
+	if opts.RenewGrace == 0 {
+		opts.RenewGrace = DefaultRenewGrace
 	}
 	if opts.LongPoll == 0 {
 		opts.LongPoll = DefaultLongPoll
@@ -329,7 +336,7 @@ func (s *Server) apiHandler() http.Handler {
 	mux.Handle("POST "+wire.PathEnroll, s.handle(s.handleEnroll))
 	mux.Handle("GET "+wire.PathNetmap, s.nodeAuth(s.handleNetmap))
 	mux.Handle("POST "+wire.PathUpdate, s.nodeAuth(s.handleUpdate))
-	mux.Handle("POST "+wire.PathRenew, s.nodeAuth(s.handleRenew))
+	mux.Handle("POST "+wire.PathRenew, s.nodeAuthGrace(s.handleRenew, true))
 	s.adminRoutes(mux, s.adminKeyAuth)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusNotFound, wire.Error{Code: wire.CodeNotFound, Message: "no such API endpoint: " + r.Method + " " + r.URL.Path})

@@ -6,25 +6,19 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"path/filepath"
 	"syscall"
+
+	"github.com/meshctl/meshctl/pki"
 )
 
-// lockDir takes an exclusive flock on DIR/lock so that two coordinators
-// never share one data dir (and one SQLite file, and one admin socket).
+// lockDir takes the data dir's lock so that two coordinators never share
+// one data dir (and one SQLite file, and one admin socket).
 func lockDir(dir string) (*os.File, error) {
-	f, err := os.OpenFile(filepath.Join(dir, "lock"), os.O_CREATE|os.O_RDWR, 0o600)
-	if err != nil {
-		return nil, fmt.Errorf("lock data dir: %w", err)
+	f, err := pki.LockDir(dir)
+	if errors.Is(err, pki.ErrLocked) {
+		return nil, fmt.Errorf("another meshctl server is already running with data dir %s (stop it first, or use another --data-dir)", dir)
 	}
-	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
-		f.Close()
-		if errors.Is(err, syscall.EWOULDBLOCK) {
-			return nil, fmt.Errorf("another meshctl server is already running with data dir %s (stop it first, or use another --data-dir)", dir)
-		}
-		return nil, fmt.Errorf("lock data dir %s: %w", dir, err)
-	}
-	return f, nil
+	return f, err
 }
 
 // listenUnixPrivate listens on a Unix socket that only the owner can use

@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"syscall"
 )
 
 // WriteFileAtomic writes data to path so that a reader (or a crash) sees
@@ -112,4 +113,25 @@ func EnsurePrivateDir(dir string) error {
 		}
 	}
 	return nil
+}
+
+// ErrLocked means another process holds a directory's lock.
+var ErrLocked = errors.New("directory locked by another process")
+
+// LockDir takes an exclusive, non-blocking flock on DIR/lock, held until
+// the returned file is closed (or the process dies). It returns ErrLocked
+// when another process holds it.
+func LockDir(dir string) (*os.File, error) {
+	f, err := os.OpenFile(filepath.Join(dir, "lock"), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("lock %s: %w", dir, err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		f.Close()
+		if errors.Is(err, syscall.EWOULDBLOCK) {
+			return nil, ErrLocked
+		}
+		return nil, fmt.Errorf("lock %s: %w", dir, err)
+	}
+	return f, nil
 }

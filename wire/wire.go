@@ -45,6 +45,7 @@ const (
 	CodeBadRequest    = "bad_request"
 	CodeUnauthorized  = "unauthorized"
 	CodeRevoked       = "revoked"
+	CodeCertExpired   = "cert_expired"
 	CodeForbidden     = "forbidden"
 	CodeNotFound      = "not_found"
 	CodeNameTaken     = "name_taken"

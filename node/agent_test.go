@@ -1,0 +1,261 @@
+package node_test
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/meshctl/meshctl/internal/meshtest"
+	"github.com/meshctl/meshctl/node"
+	"github.com/meshctl/meshctl/wire"
+)
+
+// backend starts a local HTTP service that answers with body.
+func backend(t *testing.T, body string) (target string) {
+	t.Helper()
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, body)
+	}))
+	t.Cleanup(srv.Close)
+	return strings.TrimPrefix(srv.URL, "http://")
+}
+
+func service(t *testing.T, name, target string) node.Service {
+	t.Helper()
+	s, err := node.ParseExpose(name + "=" + target)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// getVia fetches http://host:port/ through a's mesh dialer.
+func getVia(a *meshtest.Agent, host string, port uint16) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := a.Dial(ctx, host, port)
+	if err != nil {
+		return "", err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	fmt.Fprintf(c, "GET / HTTP/1.0\r\nHost: %s\r\n\r\n", host)
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return string(b), err
+}
+
+const meshDeadline = 10 * time.Second // generous for -race on 2 cores; the property is < 1 s
+
+func TestTwoNodesReachEachOthersService(t *testing.T) {
+	c := meshtest.NewCoordinator(t)
+	target := backend(t, "hello from a")
+	svc := service(t, "web", target)
+	c.AddAgent(t, "a", svc)
+	b := c.AddAgent(t, "b")
+	var body string
+	meshtest.WaitFor(t, meshDeadline, func() bool {
+		body, _ = getVia(b, "a", svc.Port)
+		return body == "hello from a"
+	}, "b to fetch a's web service over the mesh")
+
+	st, err := b.Status()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(st.Peers) != 1 || st.Peers[0].Name != "a" || st.Peers[0].LastHandshake == "" || st.Peers[0].RxBytes == 0 || st.Peers[0].Path != "direct" {
+		t.Fatalf("b's status after traffic: %+v", st.Peers)
+	}
+	// a published only the service's name and port, never its local target.
+	for _, n := range c.Nodes(t) {
+		if n.Name == "a" && (len(n.Services) != 1 || n.Services[0].Name != "web" || n.Services[0].Port != svc.Port) {
+			t.Fatalf("a's published services: %+v", n.Services)
+		}
+	}
+	// Only the exposed port answers on a's overlay address.
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if conn, err := b.Dial(ctx, "a", svc.Port+1); err == nil {
+		conn.Close()
+		t.Fatal("a non-exposed port accepted a connection")
+	}
+	if _, err := b.Dial(ctx, "nosuchpeer", 80); err == nil {
+		t.Fatal("dial to a name outside the netmap succeeded")
+	}
+	if res, err := b.Ping(ctx, "a"); err != nil || res.RTT <= 0 || res.Path != "direct" {
+		t.Fatalf("ping a from b: %+v %v", res, err)
+	}
+}
+
+func TestPeersFollowEnrollAndRevoke(t *testing.T) {
+	c := meshtest.NewCoordinator(t)
+	a := c.AddAgent(t, "a")
+	b := c.AddAgent(t, "b")
+	meshtest.WaitFor(t, meshDeadline, func() bool { return a.HasPeer(t, "b") && b.HasPeer(t, "a") }, "a and b to configure each other")
+
+	target := backend(t, "third")
+	svc := service(t, "web", target)
+	third := c.AddAgent(t, "third", svc)
+	start := time.Now()
+	meshtest.WaitFor(t, meshDeadline, func() bool { return a.HasPeer(t, "third") && b.HasPeer(t, "third") }, "a and b to add the third node")
+	t.Logf("new node in both peers' devices after %s", time.Since(start))
+	meshtest.WaitFor(t, meshDeadline, func() bool { body, _ := getVia(a, "third", svc.Port); return body == "third" }, "a to reach the third node")
+
+	if err := c.Admin(http.MethodPost, wire.PathAdminNodeRevoke, wire.NameRequest{Name: "third"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	start = time.Now()
+	meshtest.WaitFor(t, meshDeadline, func() bool { return !a.HasPeer(t, "third") && !b.HasPeer(t, "third") }, "the revoked node to leave both devices")
+	t.Logf("revoked node gone from both peers' devices after %s", time.Since(start))
+	if _, err := getVia(a, third.Node.State.IPv4, svc.Port); err == nil {
+		t.Fatal("a still reaches the revoked node")
+	}
+	// The revoked agent learns it and stops with ErrRevoked.
+	ctx, cancel := context.WithTimeout(context.Background(), meshDeadline)
+	defer cancel()
+	if err := third.Wait(ctx); !errors.Is(err, node.ErrRevoked) {
+		t.Fatalf("revoked agent: Wait = %v, want ErrRevoked", err)
+	}
+}
+
+// The data plane does not depend on the control plane.
+func TestCoordinatorOutage(t *testing.T) {
+	c := meshtest.NewCoordinator(t)
+	svc := service(t, "web", backend(t, "still here"))
+	c.AddAgent(t, "a", svc)
+	bNode := c.AddNode(t, "b")
+	b := bNode.StartAgent(t)
+	meshtest.WaitFor(t, meshDeadline, func() bool { body, _ := getVia(b, "a", svc.Port); return body == "still here" }, "b to reach a")
+
+	c.Close()
+	meshtest.WaitFor(t, meshDeadline, func() bool {
+		st, _ := b.Status()
+		return !st.CoordinatorReachable
+	}, "b to notice the coordinator is gone")
+	if body, err := getVia(b, "a", svc.Port); body != "still here" {
+		t.Fatalf("with the coordinator down: %q %v", body, err)
+	}
+	// An agent restarted while the coordinator is down comes up from its
+	// cached netmap, without re-enrolling.
+	b.Close()
+	b2 := bNode.StartAgent(t)
+	meshtest.WaitFor(t, meshDeadline, func() bool { body, _ := getVia(b2, "a", svc.Port); return body == "still here" }, "restarted b to reach a from its cache")
+	if st, _ := b2.Status(); st.CoordinatorReachable || st.NetmapVersion == 0 {
+		t.Fatalf("restarted b: %+v", st)
+	}
+}
+
+func TestNcAndSOCKS5ReachPeer(t *testing.T) {
+	c := meshtest.NewCoordinator(t)
+	svc := service(t, "web", backend(t, "via socks"))
+	c.AddAgent(t, "a", svc)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	socksAddr := ln.Addr().String()
+	ln.Close()
+	b := c.AddNode(t, "b").StartAgent(t, func(o *node.AgentOptions) { o.SOCKS5 = socksAddr })
+
+	// meshctl nc: the control socket's dial.
+	cl, err := node.NewCtlClient(b.Node.Dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	meshtest.WaitFor(t, meshDeadline, func() bool {
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		defer cancel()
+		conn, err := cl.Dial(ctx, "a", svc.Port)
+		if err != nil {
+			return false
+		}
+		defer conn.Close()
+		conn.SetDeadline(time.Now().Add(3 * time.Second))
+		io.WriteString(conn, "GET / HTTP/1.0\r\n\r\n")
+		b, _ := io.ReadAll(conn)
+		return strings.HasSuffix(string(b), "via socks")
+	}, "a dial through the control socket to reach a's service")
+
+	// SOCKS5 by name.
+	conn, err := net.DialTimeout("tcp", socksAddr, 3*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(5 * time.Second))
+	conn.Write([]byte{5, 1, 0})
+	var greet [2]byte
+	if _, err := io.ReadFull(conn, greet[:]); err != nil || greet != [2]byte{5, 0} {
+		t.Fatalf("socks greeting: %v %v", greet, err)
+	}
+	req := []byte{5, 1, 0, 3, 1, 'a'}
+	req = binary.BigEndian.AppendUint16(req, svc.Port)
+	conn.Write(req)
+	reply := make([]byte, 10)
+	if _, err := io.ReadFull(conn, reply); err != nil || reply[1] != 0 {
+		t.Fatalf("socks connect reply %v %v", reply, err)
+	}
+	io.WriteString(conn, "GET / HTTP/1.0\r\n\r\n")
+	all, _ := io.ReadAll(conn)
+	if !strings.HasSuffix(string(all), "via socks") {
+		t.Fatalf("through SOCKS5: %q", all)
+	}
+}
+
+func TestAgentCloseLeavesNoGoroutines(t *testing.T) {
+	c := meshtest.NewCoordinator(t)
+	svc := service(t, "web", backend(t, "x"))
+	n := c.AddNode(t, "a")
+	before := runtime.NumGoroutine() // harness, coordinator and backend included
+	a := n.StartAgent(t, func(o *node.AgentOptions) { o.Services = []node.Service{svc} })
+	a.Close()
+	a.Close() // idempotent
+	deadline := time.Now().Add(meshDeadline)
+	for runtime.NumGoroutine() > before {
+		if time.Now().After(deadline) {
+			buf := make([]byte, 1<<20)
+			t.Fatalf("goroutines %d after Close, want ≤ %d:\n%s", runtime.NumGoroutine(), before, buf[:runtime.Stack(buf, true)])
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func TestOneAgentPerStateDir(t *testing.T) {
+	c := meshtest.NewCoordinator(t)
+	n := c.AddNode(t, "a")
+	n.StartAgent(t)
+	second, err := node.NewAgent(node.AgentOptions{StateDir: n.Dir, UAPIDir: n.Dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer second.Close()
+	if err := second.Start(); err == nil || !strings.Contains(err.Error(), "already running") {
+		t.Fatalf("second agent on one state dir: %v", err)
+	}
+}
+
+func TestExposeParsing(t *testing.T) {
+	good, err := node.ParseExpose("web=127.0.0.1:3000,public")
+	if err != nil || good.Name != "web" || good.Target != "127.0.0.1:3000" || good.Port != 3000 || !good.Public {
+		t.Fatalf("%+v %v", good, err)
+	}
+	for _, bad := range []string{"web", "web=", "Web=127.0.0.1:1", "web=127.0.0.1", "web=127.0.0.1:0", "web=:80", "web=h:1,secret", "a--b=h:1"} {
+		if _, err := node.ParseExpose(bad); err == nil {
+			t.Errorf("ParseExpose(%q) accepted", bad)
+		}
+	}
+}

@@ -1,0 +1,103 @@
+package node
+
+import (
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/meshctl/meshctl/node/wgconf"
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+)
+
+// Status is what `meshctl status` shows, read from the running agent.
+type Status struct {
+	Name                 string          `json:"name"`
+	PublicKey            string          `json:"public_key"`
+	IPv4                 string          `json:"ipv4"`
+	IPv6                 string          `json:"ipv6"`
+	Mode                 string          `json:"mode"` // netstack or tun
+	Interface            string          `json:"interface"`
+	ListenPort           int             `json:"listen_port"`
+	UAPISocket           string          `json:"uapi_socket"`
+	Coordinator          string          `json:"coordinator"`
+	CoordinatorReachable bool            `json:"coordinator_reachable"`
+	CoordinatorSince     time.Time       `json:"coordinator_since"`
+	CoordinatorError     string          `json:"coordinator_error,omitempty"`
+	NetmapVersion        uint64          `json:"netmap_version"`
+	CertificateExpires   time.Time       `json:"certificate_expires"`
+	Services             []ServiceStatus `json:"services"`
+	Peers                []PeerStatus    `json:"peers"`
+}
+
+// ServiceStatus is a published service. Target is shown locally only; it
+// is never sent to the coordinator.
+type ServiceStatus struct {
+	Name   string `json:"name"`
+	Port   uint16 `json:"port"`
+	Target string `json:"target"`
+	Public bool   `json:"public"`
+}
+
+// PeerStatus is one peer as the WireGuard device sees it.
+type PeerStatus struct {
+	Name          string `json:"name"`
+	PublicKey     string `json:"public_key"`
+	IPv4          string `json:"ipv4"`
+	IPv6          string `json:"ipv6"`
+	Endpoint      string `json:"endpoint"`
+	LastHandshake string `json:"last_handshake"` // RFC 3339; empty if never
+	RxBytes       int64  `json:"rx_bytes"`
+	TxBytes       int64  `json:"tx_bytes"`
+	// Path is how packets reach the peer: "direct" (UDP to its endpoint),
+	// "relay" (through the proxy) or "ssh" (SSH fallback).
+	Path string `json:"path"`
+}
+
+// Status reports the agent's current state.
+func (a *Agent) Status() (Status, error) {
+	st := a.client.State()
+	r := a.reach.Load()
+	out := Status{
+		Name: st.Name, PublicKey: st.WireGuardKey().PublicKey().String(), IPv4: st.IPv4, IPv6: st.IPv6,
+		Mode: a.plane.Mode(), Interface: a.ifname, ListenPort: a.port, UAPISocket: a.uapiPath,
+		Coordinator: st.Coordinator, CoordinatorReachable: r.ok, CoordinatorSince: r.since.UTC(), CoordinatorError: r.err,
+		CertificateExpires: st.ClientCert().Leaf.NotAfter.UTC(),
+		Services:           []ServiceStatus{}, Peers: []PeerStatus{},
+	}
+	for _, s := range a.opts.Services {
+		out.Services = append(out.Services, ServiceStatus{Name: s.Name, Port: s.Port, Target: s.Target, Public: s.Public})
+	}
+	cur := a.applied.Load()
+	if cur == nil {
+		return out, nil
+	}
+	out.NetmapVersion = cur.nm.Version
+	raw, err := a.dev.IpcGet()
+	if err != nil {
+		return out, err
+	}
+	dev, err := wgconf.ParseGet(strings.NewReader(raw))
+	if err != nil {
+		return out, err
+	}
+	// The device is the truth: list its peers, named from the netmap.
+	byKey := make(map[wgtypes.Key]*wgconf.Peer, len(cur.peers))
+	for i := range cur.peers {
+		byKey[cur.peers[i].PublicKey] = &cur.peers[i]
+	}
+	for _, d := range dev.Peers {
+		ps := PeerStatus{Name: "(unknown)", PublicKey: d.PublicKey.String(), Path: "direct", RxBytes: d.RxBytes, TxBytes: d.TxBytes}
+		if p := byKey[d.PublicKey]; p != nil {
+			ps.Name, ps.IPv4, ps.IPv6 = p.Name, p.IPv4.String(), p.IPv6.String()
+		}
+		if d.Endpoint.IsValid() {
+			ps.Endpoint = d.Endpoint.String()
+		}
+		if !d.LastHandshake.IsZero() {
+			ps.LastHandshake = d.LastHandshake.UTC().Format(time.RFC3339)
+		}
+		out.Peers = append(out.Peers, ps)
+	}
+	slices.SortFunc(out.Peers, func(x, y PeerStatus) int { return strings.Compare(x.Name, y.Name) })
+	return out, nil
+}
