@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 
 	"github.com/meshctl/meshctl/node"
@@ -45,11 +46,11 @@ Examples:
   sudo meshctl up --tun mesh0 --expose web=127.0.0.1:80`,
 		Flags: append([]cli.Flag{
 			stateDirFlag(),
-			&cli.StringSliceFlag{Name: "expose", EnvVars: env("expose"), Usage: "publish a local service: NAME=HOST:PORT[,public] (repeatable)"},
+			&cli.StringSliceFlag{Name: "expose", EnvVars: env("expose"), Usage: "publish a local service: NAME=HOST:PORT[,public] (repeatable; in MESHCTL_EXPOSE separate several with spaces)"},
 			&cli.IntFlag{Name: "listen-port", Value: DefaultListenPort, EnvVars: env("listen-port"), Usage: "WireGuard UDP port (0 = any free port)"},
 			&cli.StringFlag{Name: "tun", EnvVars: env("tun"), Usage: "use a kernel TUN interface with this name (needs root) instead of the userspace stack"},
 			&cli.StringFlag{Name: "socks5", EnvVars: env("socks5"), Usage: "serve a SOCKS5 proxy into the mesh on this local address, e.g. 127.0.0.1:1080"},
-			&cli.StringSliceFlag{Name: "endpoint", EnvVars: env("endpoint"), Usage: "advertise this IP:PORT to peers instead of this host's addresses (repeatable; e.g. a forwarded port)"},
+			&cli.StringSliceFlag{Name: "endpoint", EnvVars: env("endpoint"), Usage: "advertise this IP:PORT to peers instead of this host's addresses (repeatable; e.g. a forwarded port; spaces separate several in MESHCTL_ENDPOINT)"},
 		}, logFlags()...),
 		Action: runUp,
 	}
@@ -64,7 +65,7 @@ func runUp(c *cli.Context) error {
 		return err
 	}
 	var svcs []node.Service
-	for _, e := range c.StringSlice("expose") {
+	for _, e := range fieldsOf(c.StringSlice("expose")) {
 		svc, err := node.ParseExpose(e)
 		if err != nil {
 			return usageError("%v", err)
@@ -72,7 +73,7 @@ func runUp(c *cli.Context) error {
 		svcs = append(svcs, svc)
 	}
 	var eps []netip.AddrPort
-	for _, e := range c.StringSlice("endpoint") {
+	for _, e := range fieldsOf(c.StringSlice("endpoint")) {
 		ap, err := netip.ParseAddrPort(e)
 		if err != nil {
 			return usageError("--endpoint %q is not IP:PORT", e)
@@ -149,4 +150,15 @@ func sdNotify(state string) {
 	}
 	defer c.Close()
 	c.Write([]byte(state))
+}
+
+// fieldsOf splits every value on white space, so that an environment
+// variable (which urfave/cli passes as one value, since comma splitting
+// is off) can carry several.
+func fieldsOf(vals []string) []string {
+	var out []string
+	for _, v := range vals {
+		out = append(out, strings.Fields(v)...)
+	}
+	return out
 }

@@ -13,6 +13,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/meshctl/meshctl/node/socks5"
@@ -187,6 +188,9 @@ func (a *Agent) Start() (err error) {
 		return fmt.Errorf("configure WireGuard: %w", err)
 	}
 	if err := a.dev.Up(); err != nil {
+		if errors.Is(err, syscall.EADDRINUSE) {
+			return fmt.Errorf("WireGuard cannot listen on UDP port %d: it is in use (another agent?); pass --listen-port 0 for any free port, or another port", a.opts.ListenPort)
+		}
 		return fmt.Errorf("WireGuard device up: %w", err)
 	}
 	if a.port, err = a.listenPort(); err != nil {

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -258,4 +259,60 @@ func TestExposeParsing(t *testing.T) {
 			t.Errorf("ParseExpose(%q) accepted", bad)
 		}
 	}
+}
+
+// A netmap that fails validation is rejected whole; the device keeps
+// running the last good one.
+func TestBadNetmapKeepsLastGood(t *testing.T) {
+	c := meshtest.NewCoordinator(t)
+	svc := service(t, "web", backend(t, "good"))
+	c.AddAgent(t, "a", svc)
+	b := c.AddNode(t, "b").StartAgent(t)
+	meshtest.WaitFor(t, meshDeadline, func() bool { body, _ := getVia(b, "a", svc.Port); return body == "good" }, "b to reach a")
+	good := b.AppliedNetmap()
+
+	mutate := func(f func(nm *wire.Netmap)) *wire.Netmap {
+		raw, _ := json.Marshal(good)
+		var nm wire.Netmap
+		json.Unmarshal(raw, &nm)
+		nm.Version++
+		f(&nm)
+		return &nm
+	}
+	self := b.Node.State.WireGuardKey().PublicKey().String()
+	bad := map[string]*wire.Netmap{
+		"lists our own key": mutate(func(nm *wire.Netmap) { nm.Peers = append(nm.Peers, wire.Peer{Name: "evil", WireGuardKey: self, IPv4: "100.64.9.9", IPv6: "fd00::9"}) }),
+		"duplicate key": mutate(func(nm *wire.Netmap) {
+			p := nm.Peers[0]
+			p.Name, p.IPv4, p.IPv6 = "twin", "100.64.9.8", "fd00::8"
+			nm.Peers = append(nm.Peers, p)
+		}),
+		"duplicate address": mutate(func(nm *wire.Netmap) {
+			nm.Peers = append(nm.Peers, wire.Peer{Name: "thief", WireGuardKey: "RJ0wRoO4fRp3Mhn+0K0lUUv9Q8M44bQHYJSq3XxYyUU=", IPv4: nm.Peers[0].IPv4, IPv6: "fd00::7"})
+		}),
+		"prefix wider than a host": mutate(func(nm *wire.Netmap) { nm.Peers[0].IPv4 = "100.64.0.0/10" }),
+	}
+	for name, nm := range bad {
+		if err := b.ApplyNetmap(nm); err == nil {
+			t.Errorf("%s: netmap accepted", name)
+		}
+		if got := b.AppliedNetmap(); got.Version != good.Version {
+			t.Fatalf("%s: applied version %d, want the last good %d", name, got.Version, good.Version)
+		}
+	}
+	if !b.HasPeer(t, "a") || len(mustStatus(t, b).Peers) != 1 {
+		t.Fatalf("device changed by rejected netmaps: %+v", mustStatus(t, b).Peers)
+	}
+	if body, err := getVia(b, "a", svc.Port); body != "good" {
+		t.Fatalf("after rejected netmaps: %q %v", body, err)
+	}
+}
+
+func mustStatus(t *testing.T, a *meshtest.Agent) node.Status {
+	t.Helper()
+	st, err := a.Status()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st
 }

@@ -31,16 +31,12 @@ func newTUNPlane(name string, v4, v6 netip.Addr, mtu int, svcs []Service, pool4,
 	if err != nil {
 		return nil, err
 	}
-	ports := map[uint16]bool{}
+	ports := make([]uint16, 0, len(svcs))
 	for _, s := range svcs {
-		ports[s.Port] = true
+		ports = append(ports, s.Port)
 	}
-	return &tunPlane{dev: tundev.NewFilter(dev, portSet(ports)), v4: v4, v6: v6}, nil
+	return &tunPlane{dev: tundev.NewFilter(dev, tundev.AllowTCPPorts(ports...)), v4: v4, v6: v6}, nil
 }
-
-type portSet map[uint16]bool
-
-func (p portSet) AllowTCP(port uint16) bool { return p[port] }
 
 func (p *tunPlane) Device() tun.Device { return p.dev }
 func (p *tunPlane) Mode() string       { return "tun" }
