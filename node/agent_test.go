@@ -281,7 +281,9 @@ func TestBadNetmapKeepsLastGood(t *testing.T) {
 	}
 	self := b.Node.State.WireGuardKey().PublicKey().String()
 	bad := map[string]*wire.Netmap{
-		"lists our own key": mutate(func(nm *wire.Netmap) { nm.Peers = append(nm.Peers, wire.Peer{Name: "evil", WireGuardKey: self, IPv4: "100.64.9.9", IPv6: "fd00::9"}) }),
+		"lists our own key": mutate(func(nm *wire.Netmap) {
+			nm.Peers = append(nm.Peers, wire.Peer{Name: "evil", WireGuardKey: self, IPv4: "100.64.9.9", IPv6: "fd00::9"})
+		}),
 		"duplicate key": mutate(func(nm *wire.Netmap) {
 			p := nm.Peers[0]
 			p.Name, p.IPv4, p.IPv6 = "twin", "100.64.9.8", "fd00::8"
