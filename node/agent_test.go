@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/meshctl/meshctl/coordinator"
 	"github.com/meshctl/meshctl/internal/meshtest"
 	"github.com/meshctl/meshctl/node"
 	"github.com/meshctl/meshctl/wire"
@@ -317,4 +318,38 @@ func mustStatus(t *testing.T, a *meshtest.Agent) node.Status {
 		t.Fatal(err)
 	}
 	return st
+}
+
+// A node revoked while its agent was down learns it at the next start,
+// after coming up from its cache, and stops.
+func TestRevokedWhileOffline(t *testing.T) {
+	c := meshtest.NewCoordinator(t)
+	n := c.AddNode(t, "a")
+	a := n.StartAgent(t)
+	a.Close()
+	if err := c.Admin(http.MethodPost, wire.PathAdminNodeRevoke, wire.NameRequest{Name: "a"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	again := n.StartAgent(t)
+	ctx, cancel := context.WithTimeout(context.Background(), meshDeadline)
+	defer cancel()
+	if err := again.Wait(ctx); !errors.Is(err, node.ErrRevoked) {
+		t.Fatalf("agent of a node revoked while offline: Wait = %v, want ErrRevoked", err)
+	}
+}
+
+// A certificate that expired while the node was offline is renewed
+// within the grace, and the node keeps following the netmap.
+func TestExpiredCertificateRenewedByAgent(t *testing.T) {
+	c := meshtest.NewCoordinator(t, func(o *coordinator.Options) { o.CertValidity = time.Hour })
+	a := c.AddNode(t, "a").StartAgent(t)
+	meshtest.WaitFor(t, meshDeadline, func() bool { return mustStatus(t, a).CoordinatorReachable }, "a to reach the coordinator")
+	before := mustStatus(t, a).CertificateExpires
+	c.Clock.Advance(3 * time.Hour) // the coordinator now sees a's certificate as expired
+	c.AddAgent(t, "b")             // a change: a's next long-poll is refused as expired, so it renews
+	meshtest.WaitFor(t, meshDeadline, func() bool {
+		return a.HasPeer(t, "b") && mustStatus(t, a).CertificateExpires.After(before)
+	}, "a to renew its expired certificate and learn about b")
+	c.AddAgent(t, "c") // and the renewed certificate keeps working
+	meshtest.WaitFor(t, meshDeadline, func() bool { return a.HasPeer(t, "c") }, "a to learn about c after renewing")
 }
