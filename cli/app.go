@@ -34,7 +34,8 @@ func NewApp(stdout, stderr io.Writer) *cli.App {
 		Usage: "reach a fleet of devices behind NAT over a WireGuard mesh",
 		Description: `meshctl is one binary with several roles:
 
-  server       coordinator (enrollment, addresses, netmaps, revocation) in one process
+  server       coordinator (enrollment, addresses, netmaps, revocation) and proxy in one process
+  proxy serve  a standalone proxy: <node>.DOMAIN for browsers, WireGuard endpoint for nodes
   token …      enrollment tokens (admin)
   nodes …      list, revoke, rename nodes (admin)
   audit        the audit log (admin)
@@ -66,6 +67,7 @@ Every flag can also be set with the MESHCTL_* variable shown in its help.`,
 			nodesCommand(),
 			auditCommand(),
 			adminKeyCommand(),
+			proxyCommand(),
 			upCommand(),
 			statusCommand(),
 			pingCommand(),

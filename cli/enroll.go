@@ -47,22 +47,12 @@ func runEnroll(c *cli.Context) error {
 	if err := noArgs(c); err != nil {
 		return err
 	}
-	token := c.String("token")
-	if f := c.String("token-file"); f != "" {
-		// An exported MESHCTL_TOKEN yields to an explicit --token-file;
-		// --token on the command line does not.
-		if token != "" && token != os.Getenv("MESHCTL_TOKEN") {
-			return usageError("--token and --token-file exclude each other")
-		}
-		b, err := pki.ReadPrivateFile(f)
-		if err != nil {
-			return fmt.Errorf("token file: %w", err)
-		}
-		token = strings.TrimSpace(string(b))
+	token, err := tokenFromFlags(c)
+	if err != nil {
+		return err
 	}
 	name := c.String("name")
 	if name == "" {
-		var err error
 		if name, err = defaultNodeName(); err != nil {
 			return err
 		}
@@ -116,4 +106,14 @@ func defaultNodeName() (string, error) {
 		n = strings.TrimRight(n[:63], "-")
 	}
 	return n, nil
+}
+
+// readSecretFile reads a file holding a secret (refusing one readable by
+// others) and trims white space.
+func readSecretFile(path string) (string, error) {
+	b, err := pki.ReadPrivateFile(path)
+	if err != nil {
+		return "", err
+	}
+	return strings.TrimSpace(string(b)), nil
 }

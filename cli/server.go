@@ -1,30 +1,40 @@
 package cli
 
 import (
+	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/netip"
-	"os"
-	"os/signal"
-	"syscall"
+	"strconv"
+	"time"
 
 	"github.com/meshctl/meshctl/coordinator"
+	"github.com/meshctl/meshctl/node"
+	"github.com/meshctl/meshctl/proxy"
+	"github.com/meshctl/meshctl/wire"
 	"github.com/urfave/cli/v2"
 )
 
 func serverCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "server",
-		Usage: "run the coordinator (enrollment, addresses, netmaps, revocation) in the foreground",
-		Description: `Runs the coordinator with its state in --data-dir (SQLite, the CA, the SSH CA,
-the API certificate, the admin socket). Everything is created on first start.
+		Usage: "run coordinator and proxy in one process (foreground): the embedded default",
+		Description: `Runs the coordinator (enrollment, addresses, netmaps, revocation) with its
+state in --data-dir (SQLite, the CA, the SSH CA, the API certificate, the admin
+socket), and a proxy that serves <node>.DOMAIN to browsers through the mesh.
+Everything is created on first start; the proxy enrolls itself (no token).
 
 Devices must reach the API at --public-host (a name or address, optionally
 host:port); it goes into every enroll line and into the API's certificate.
+Nodes behind NAT keep alive to the proxy's WireGuard endpoint, --wg-endpoint
+(default: the public host with the --wg-listen port).
 
-Example:
-  meshctl server --data-dir ./data --listen 127.0.0.1:7443 --public-host 127.0.0.1
-  meshctl token create --data-dir ./data      # in another terminal`,
+Example (local, no root):
+  meshctl server --data-dir ./data --domain localhost --http :8080
+  meshctl token create --data-dir ./data      # in another terminal
+  # … enroll a node, run meshctl up --expose web=127.0.0.1:3000,public on it,
+  # then open http://NODE.localhost:8080/`,
 		Flags: append([]cli.Flag{
 			dataDirFlag(),
 			&cli.StringFlag{Name: "listen", Value: coordinator.DefaultListen, EnvVars: env("listen"), Usage: "address the coordinator API listens on (HTTPS)"},
@@ -33,7 +43,8 @@ Example:
 			&cli.StringFlag{Name: "cidr", Value: coordinator.DefaultIPv4Pool.String(), EnvVars: env("cidr"), Usage: "IPv4 pool for overlay addresses"},
 			&cli.DurationFlag{Name: "quarantine", Value: coordinator.DefaultQuarantine, EnvVars: env("quarantine"), Usage: "how long a revoked node's addresses are held back before reuse"},
 			&cli.DurationFlag{Name: "cert-ttl", Value: coordinator.DefaultCertValidity, EnvVars: env("cert-ttl"), Usage: "lifetime of node client certificates (nodes renew them automatically)"},
-		}, logFlags()...),
+			&cli.StringFlag{Name: "wg-endpoint", EnvVars: env("wg-endpoint"), Usage: "the proxy's WireGuard endpoint as nodes reach it, HOST:PORT (default: --public-host with the --wg-listen port)"},
+		}, append(proxyFlags(), logFlags()...)...),
 		Action: runServer,
 	}
 }
@@ -54,6 +65,26 @@ func runServer(c *cli.Context) error {
 		return usageError("--quarantine must not be negative")
 	}
 	dir := c.String("data-dir")
+	wgPort, err := udpPort(c.String("wg-listen"))
+	if err != nil {
+		return err
+	}
+	if wgPort == 0 {
+		return usageError("--wg-listen needs a fixed port: nodes must know the proxy's WireGuard endpoint")
+	}
+	wgEndpoint := c.String("wg-endpoint")
+	if wgEndpoint == "" {
+		host := hostOf(c.String("public-host"))
+		if host == "" {
+			host = hostOf(c.String("listen"))
+		}
+		if host == "" || host == "0.0.0.0" || host == "::" {
+			host = "" // the coordinator picks its default public host; resolved below
+		}
+		if host != "" {
+			wgEndpoint = net.JoinHostPort(host, strconv.Itoa(wgPort))
+		}
+	}
 	srv, err := coordinator.New(coordinator.Options{
 		DataDir:      dir,
 		Listen:       c.String("listen"),
@@ -61,6 +92,9 @@ func runServer(c *cli.Context) error {
 		IPv4Pool:     pool,
 		Quarantine:   c.Duration("quarantine"),
 		CertValidity: c.Duration("cert-ttl"),
+		WGEndpoint:   wgEndpoint,
+		WGPort:       wgPort,
+		Domain:       c.String("domain"),
 		Version:      version(),
 		Logger:       log,
 	})
@@ -71,26 +105,54 @@ func runServer(c *cli.Context) error {
 		srv.Close()
 		return err
 	}
+	defer srv.Close()
 	w := c.App.Writer
 	fmt.Fprintf(w, "meshctl %s coordinator running\n", version())
 	fmt.Fprintf(w, "  API:          %s (listening on %s)\n", srv.URL(), srv.Addr())
 	fmt.Fprintf(w, "  CA pin:       %s\n", srv.CAPin())
 	fmt.Fprintf(w, "  data dir:     %s\n", dir)
-	fmt.Fprintf(w, "  admin socket: %s\n\n", srv.AdminSocket())
+	fmt.Fprintf(w, "  admin socket: %s\n", srv.AdminSocket())
+	px, err := startEmbeddedProxy(c, srv, log)
+	if err != nil {
+		return err
+	}
+	defer px.Close()
+	fmt.Fprintln(w)
 	fmt.Fprintf(w, "Enroll a device: run `meshctl token create --data-dir %s` here,\nthen the printed `meshctl enroll …` line on the device.\n", dir)
 	if c.String("public-host") == "" {
 		fmt.Fprintf(w, "Devices must reach %s; if they cannot, restart with --public-host NAME-OR-ADDRESS.\n", srv.URL())
 	}
 
-	sig := make(chan os.Signal, 1)
-	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
-	defer signal.Stop(sig)
-	select {
-	case s := <-sig:
-		log.Info("shutting down", "signal", s.String())
-	case <-c.Context.Done():
+	return waitForSignal(c, log, px.Agent())
+}
+
+// startEmbeddedProxy enrolls the server's own proxy on first start (a
+// proxy token made in-process, never printed) and starts it, talking to
+// the coordinator over loopback.
+func startEmbeddedProxy(c *cli.Context, srv *coordinator.Server, log *slog.Logger) (*proxy.Proxy, error) {
+	dir := proxyStateDir(c.String("data-dir"))
+	local := srv.LocalURL()
+	if _, err := node.LoadState(dir); errors.Is(err, node.ErrNotEnrolled) {
+		tok, err := srv.CreateToken(c.Context, wire.TokenCreateRequest{Role: wire.RoleProxy, TTL: wire.Duration(time.Minute)}, "server:embedded-proxy")
+		if err != nil {
+			return nil, fmt.Errorf("embedded proxy: %w", err)
+		}
+		if _, _, err := node.Enroll(c.Context, node.EnrollOptions{
+			Coordinator: local, Token: tok.Token, CAPin: srv.CAPin(), Name: "proxy", StateDir: dir, Role: wire.RoleProxy,
+		}); err != nil {
+			return nil, fmt.Errorf("embedded proxy: enroll: %w", err)
+		}
+	} else if err != nil {
+		return nil, fmt.Errorf("embedded proxy: %w", err)
 	}
-	return srv.Close()
+	return startProxy(c, dir, local, log)
+}
+
+func hostOf(hostport string) string {
+	if h, _, err := net.SplitHostPort(hostport); err == nil {
+		return h
+	}
+	return hostport
 }
 
 func logFlags() []cli.Flag {

@@ -1,14 +1,11 @@
 package cli
 
 import (
-	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"os"
-	"os/signal"
 	"strings"
-	"syscall"
 
 	"github.com/meshctl/meshctl/node"
 	"github.com/urfave/cli/v2"
@@ -80,9 +77,6 @@ func runUp(c *cli.Context) error {
 		}
 		eps = append(eps, ap)
 	}
-	if tun := c.String("tun"); tun != "" && os.Geteuid() != 0 {
-		return fmt.Errorf("--tun %s needs root (or CAP_NET_ADMIN); run without --tun to use the userspace network stack", tun)
-	}
 	dir := c.String("state-dir")
 	a, err := node.NewAgent(node.AgentOptions{
 		StateDir:           dir,
@@ -116,22 +110,7 @@ func runUp(c *cli.Context) error {
 		fmt.Fprintf(w, "  SOCKS5 into the mesh: %s\n", s)
 	}
 	fmt.Fprintf(w, "  status: meshctl status --state-dir %s\n", dir)
-	sdNotify("READY=1")
-
-	sig := make(chan os.Signal, 1)
-	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
-	defer signal.Stop(sig)
-	ctx, cancel := signalContext(c, sig, log)
-	defer cancel()
-	err = a.Wait(ctx)
-	sdNotify("STOPPING=1")
-	switch {
-	case errors.Is(err, node.ErrRevoked):
-		return cli.Exit(fmt.Sprintf("%v\nThis device is no longer part of the mesh; enroll it again with a new token if that was a mistake.", err), ExitRevoked)
-	case errors.Is(err, node.ErrCertificateExpired):
-		return cli.Exit(err.Error(), ExitReenroll)
-	}
-	return err
+	return waitForSignal(c, log, a)
 }
 
 // sdNotify tells systemd (Type=notify units) about the service state. It

@@ -1,6 +1,7 @@
 package coordinator
 
 import (
+	"context"
 	"fmt"
 	"net/http"
 	"os"
@@ -109,18 +110,29 @@ func (s *Server) adminCreateToken(w http.ResponseWriter, r *http.Request, actor 
 	if err := decodeJSON(w, r, &req); err != nil {
 		return err
 	}
+	resp, err := s.CreateToken(r.Context(), req, actor)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, resp)
+	return nil
+}
+
+// CreateToken creates an enrollment token (the admin API's token create;
+// the all-in-one server also uses it to enroll its own proxy).
+func (s *Server) CreateToken(ctx context.Context, req wire.TokenCreateRequest, actor string) (wire.TokenCreateResponse, error) {
 	ttl := time.Duration(req.TTL)
 	switch {
 	case ttl == 0:
 		ttl = DefaultTokenTTL
 	case ttl < 0 || ttl > maxTokenTTL:
-		return errf(http.StatusBadRequest, wire.CodeBadRequest, "ttl must be between 1s and %s", maxTokenTTL)
+		return wire.TokenCreateResponse{}, errf(http.StatusBadRequest, wire.CodeBadRequest, "ttl must be between 1s and %s", maxTokenTTL)
 	}
 	switch {
 	case req.MaxUses < 0:
-		return errf(http.StatusBadRequest, wire.CodeBadRequest, "max_uses must be ≥ 1")
+		return wire.TokenCreateResponse{}, errf(http.StatusBadRequest, wire.CodeBadRequest, "max_uses must be ≥ 1")
 	case req.Reusable && req.MaxUses > 0:
-		return errf(http.StatusBadRequest, wire.CodeBadRequest, "max_uses and reusable exclude each other")
+		return wire.TokenCreateResponse{}, errf(http.StatusBadRequest, wire.CodeBadRequest, "max_uses and reusable exclude each other")
 	case req.Reusable:
 		req.MaxUses = 0 // the store's "unlimited"
 	case req.MaxUses == 0:
@@ -130,33 +142,39 @@ func (s *Server) adminCreateToken(w http.ResponseWriter, r *http.Request, actor 
 		req.Role = wire.RoleNode
 	}
 	if req.Role != wire.RoleNode && req.Role != wire.RoleProxy {
-		return errf(http.StatusBadRequest, wire.CodeBadRequest, "role must be %q or %q", wire.RoleNode, wire.RoleProxy)
+		return wire.TokenCreateResponse{}, errf(http.StatusBadRequest, wire.CodeBadRequest, "role must be %q or %q", wire.RoleNode, wire.RoleProxy)
 	}
 	if len(req.Tags) > maxTags {
-		return errf(http.StatusBadRequest, wire.CodeBadRequest, "at most %d tags", maxTags)
+		return wire.TokenCreateResponse{}, errf(http.StatusBadRequest, wire.CodeBadRequest, "at most %d tags", maxTags)
 	}
 	for _, t := range req.Tags {
 		if err := ValidateName("tag", t); err != nil {
-			return errf(http.StatusBadRequest, wire.CodeBadRequest, "%v", err)
+			return wire.TokenCreateResponse{}, errf(http.StatusBadRequest, wire.CodeBadRequest, "%v", err)
 		}
 	}
 	secret, id, hash, err := pki.NewSecret(pki.KindEnroll)
 	if err != nil {
-		return err
+		return wire.TokenCreateResponse{}, err
 	}
 	now := s.opts.Now()
 	t := store.Token{ID: id, SecretHash: hash, Role: req.Role, Tags: nonNil(req.Tags), MaxUses: req.MaxUses,
 		Created: now, Expires: now.Add(ttl), CreatedBy: actor}
-	if err := s.opts.Store.CreateToken(r.Context(), t, actor); err != nil {
-		return err
+	if err := s.opts.Store.CreateToken(ctx, t, actor); err != nil {
+		return wire.TokenCreateResponse{}, err
 	}
-	s.log.Info("token created", "token_id", id, "actor", actor, "expires", t.Expires, "max_uses", t.MaxUses)
-	writeJSON(w, http.StatusOK, wire.TokenCreateResponse{
+	s.log.Info("token created", "token_id", id, "actor", actor, "role", t.Role, "expires", t.Expires, "max_uses", t.MaxUses)
+	cmd := fmt.Sprintf("meshctl enroll --coordinator %s --token %s --ca-pin %s", s.URL(), secret, s.CAPin())
+	if t.Role == wire.RoleProxy {
+		domain := s.opts.Domain
+		if domain == "" {
+			domain = "DOMAIN"
+		}
+		cmd = fmt.Sprintf("meshctl proxy serve --coordinator %s --token %s --ca-pin %s --domain %s", s.URL(), secret, s.CAPin(), domain)
+	}
+	return wire.TokenCreateResponse{
 		Token: secret, ID: id, Coordinator: s.URL(), CAPin: s.CAPin(), Expires: t.Expires.UTC(),
-		MaxUses: t.MaxUses, Tags: t.Tags, Role: t.Role,
-		EnrollCommand: fmt.Sprintf("meshctl enroll --coordinator %s --token %s --ca-pin %s", s.URL(), secret, s.CAPin()),
-	})
-	return nil
+		MaxUses: t.MaxUses, Tags: t.Tags, Role: t.Role, EnrollCommand: cmd,
+	}, nil
 }
 
 func (s *Server) adminListTokens(w http.ResponseWriter, r *http.Request, actor string) error {

@@ -35,7 +35,7 @@ func (s *Server) handleEnroll(w http.ResponseWriter, r *http.Request) error {
 		s.limiter.Fail(src)
 		return &apiError{status: errTokenRefused.status, code: errTokenRefused.code, msg: errTokenRefused.msg, cause: err}
 	}
-	if err := ValidateName("node", req.Name); err != nil {
+	if err := validateMemberName(req.Name, req.Role); err != nil {
 		return errf(http.StatusBadRequest, wire.CodeBadRequest, "%v", err)
 	}
 	if err := validateWireGuardKey(req.WireGuardKey); err != nil {
@@ -50,6 +50,10 @@ func (s *Server) handleEnroll(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return errf(http.StatusBadRequest, wire.CodeBadRequest, "csr: %v", err)
 	}
+	wantRole := req.Role
+	if wantRole == "" {
+		wantRole = wire.RoleNode
+	}
 	node, err := s.opts.Store.Enroll(r.Context(), store.EnrollParams{
 		TokenID: tokenID,
 		VerifyToken: func(t store.Token) error {
@@ -62,6 +66,8 @@ func (s *Server) handleEnroll(w http.ResponseWriter, r *http.Request) error {
 				return errors.New("token expired")
 			case t.MaxUses > 0 && t.Uses >= t.MaxUses:
 				return errors.New("token used up")
+			case t.Role != wantRole:
+				return &roleMismatch{token: t.Role, want: wantRole}
 			}
 			return nil
 		},
@@ -75,6 +81,10 @@ func (s *Server) handleEnroll(w http.ResponseWriter, r *http.Request) error {
 		Actor:        "token:" + tokenID + " from " + src.String(),
 	})
 	if err != nil {
+		var rm *roleMismatch
+		if errors.As(err, &rm) { // a valid token for another role: say so, count no failure
+			return &apiError{status: http.StatusForbidden, code: wire.CodeWrongRole, cause: err, msg: rm.Error()}
+		}
 		if errors.Is(err, store.ErrTokenInvalid) {
 			s.limiter.Fail(src)
 		}
@@ -157,4 +167,15 @@ func nonNil[T any](s []T) []T {
 		return []T{}
 	}
 	return s
+}
+
+// roleMismatch refuses a valid token presented for another role. It is
+// checked last, after the secret, so it reveals nothing to a guesser.
+type roleMismatch struct{ token, want string }
+
+func (e *roleMismatch) Error() string {
+	if e.want == wire.RoleProxy {
+		return "this token enrolls ordinary nodes, not a proxy (a proxy sees every service): create a proxy token with meshctl token create --role proxy"
+	}
+	return fmt.Sprintf("this token is for role %q; enroll a node with a token from meshctl token create", e.token)
 }

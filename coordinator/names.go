@@ -3,6 +3,8 @@ package coordinator
 import (
 	"fmt"
 	"strings"
+
+	"github.com/meshctl/meshctl/wire"
 )
 
 // reservedNames cannot be node names: they are, or may become, the
@@ -16,8 +18,9 @@ var reservedNames = map[string]bool{
 // ValidateName checks a node or service name: a lower-case DNS label of at
 // most 63 characters, letters, digits and single hyphens, not starting or
 // ending with a hyphen, with no "--" anywhere (so "<service>--<node>" host
-// names stay unambiguous, which also rules out "xn--"), and not reserved.
-// The error says what is wrong; names are never rewritten.
+// names stay unambiguous, which also rules out "xn--").
+// Node names must also not be reserved. The error says what is wrong;
+// names are never rewritten.
 func ValidateName(kind, name string) error {
 	switch {
 	case name == "":
@@ -36,8 +39,18 @@ func ValidateName(kind, name string) error {
 			return fmt.Errorf("%s name %q contains %q; use only a-z, 0-9 and '-'", kind, name, c)
 		}
 	}
-	if reservedNames[name] {
+	if kind == "node" && reservedNames[name] { // only node names become host names on their own
 		return fmt.Errorf("%s name %q is reserved; choose another", kind, name)
 	}
 	return nil
+}
+
+// validateMemberName checks a node name at enrollment. Proxies are never
+// routed by name, so they may take reserved names such as "proxy".
+func validateMemberName(name, role string) error {
+	err := ValidateName("node", name)
+	if err != nil && role == wire.RoleProxy && reservedNames[name] {
+		return nil
+	}
+	return err
 }

@@ -80,6 +80,9 @@ type Options struct {
 	// domain, both sent in netmaps. Empty when no proxy runs.
 	WGEndpoint string
 	Domain     string
+	// WGPort, when WGEndpoint is empty, makes the endpoint PublicHost:WGPort
+	// (the all-in-one server's proxy).
+	WGPort int
 	// FailureBurst is how many failed token or admin-key attempts a source
 	// address may make before it gets 429; one more is allowed every 6 s.
 	// Default 10.
@@ -153,6 +156,16 @@ func New(opts Options) (s *Server, err error) {
 	}
 	if opts.PublicHost == "" {
 		opts.PublicHost = defaultPublicHost()
+	}
+	if opts.WGEndpoint == "" && opts.WGPort != 0 {
+		opts.WGEndpoint = net.JoinHostPort(hostOnly(opts.PublicHost), strconv.Itoa(opts.WGPort))
+	}
+	if opts.WGEndpoint != "" {
+		ep, err := resolveEndpoint(opts.WGEndpoint)
+		if err != nil {
+			return nil, err
+		}
+		opts.WGEndpoint = ep
 	}
 	if opts.Quarantine < 0 || opts.CertValidity < time.Minute || opts.LongPoll < 0 {
 		return nil, errors.New("coordinator: Quarantine, CertValidity (≥1m) and LongPoll must not be negative")
@@ -299,6 +312,17 @@ func (s *Server) URL() string {
 	return "https://" + net.JoinHostPort(s.opts.PublicHost, port)
 }
 
+// LocalURL is the API's URL from this host: the listen address, with
+// loopback in place of an unspecified address.
+func (s *Server) LocalURL() string {
+	ap := s.apiLn.Addr().(*net.TCPAddr)
+	host := "127.0.0.1"
+	if !ap.IP.IsUnspecified() {
+		host = ap.IP.String()
+	}
+	return "https://" + net.JoinHostPort(host, strconv.Itoa(ap.Port))
+}
+
 // CAPin is the pin nodes verify the coordinator by.
 func (s *Server) CAPin() string { return s.ca.Pin() }
 
@@ -398,4 +422,30 @@ func defaultPublicHost() string {
 		}
 	}
 	return "localhost"
+}
+
+// resolveEndpoint turns HOST:PORT into IP:PORT (nodes configure WireGuard
+// with addresses, not names), preferring IPv4.
+func resolveEndpoint(hostport string) (string, error) {
+	host, port, err := net.SplitHostPort(hostport)
+	if err != nil {
+		return "", fmt.Errorf("WireGuard endpoint %q must be HOST:PORT: %w", hostport, err)
+	}
+	if _, err := netip.ParseAddr(host); err == nil {
+		return hostport, nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	ips, err := net.DefaultResolver.LookupNetIP(ctx, "ip", host)
+	if err != nil || len(ips) == 0 {
+		return "", fmt.Errorf("WireGuard endpoint %q: cannot resolve %s (%v); pass --wg-endpoint IP:PORT", hostport, host, err)
+	}
+	best := ips[0]
+	for _, ip := range ips {
+		if ip.Unmap().Is4() {
+			best = ip
+			break
+		}
+	}
+	return net.JoinHostPort(best.Unmap().String(), port), nil
 }

@@ -53,6 +53,13 @@ type AgentOptions struct {
 	MTU int
 	// Logger receives the agent's logs (nil discards).
 	Logger *slog.Logger
+	// Coordinator, if set, replaces the coordinator URL saved at enrollment
+	// (the all-in-one server reaches its own coordinator over loopback).
+	Coordinator string
+	// OnNetmap, if set, is called with every netmap the device has applied
+	// (the cached one at start included), on the agent's goroutine; it must
+	// not block. The proxy builds its route table here.
+	OnNetmap func(*wire.Netmap)
 	// RetryMin and RetryMax bound the backoff toward the coordinator.
 	// Defaults 1s and 60s.
 	RetryMin, RetryMax time.Duration
@@ -140,6 +147,11 @@ func NewAgent(opts AgentOptions) (*Agent, error) {
 	client, err := NewClient(opts.StateDir)
 	if err != nil {
 		return nil, err
+	}
+	if opts.Coordinator != "" {
+		if err := client.SetCoordinator(opts.Coordinator); err != nil {
+			return nil, err
+		}
 	}
 	st := client.State()
 	a := &Agent{opts: opts, log: opts.Logger, client: client, state: st, fatal: make(chan error, 1)}
@@ -336,7 +348,16 @@ func (a *Agent) apply(nm *wire.Netmap) error {
 		names[p.PublicKey] = p.Name
 	}
 	a.applied.Store(&appliedNetmap{nm: nm, peers: peers, names: names})
+	if a.opts.OnNetmap != nil {
+		a.opts.OnNetmap(nm)
+	}
 	return nil
+}
+
+// DialContext opens a connection over the mesh to an overlay address
+// (netstack or TUN, whichever the agent runs).
+func (a *Agent) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
+	return a.plane.DialContext(ctx, network, addr)
 }
 
 // netmapLoop long-polls the coordinator and applies every new netmap. It

@@ -49,6 +49,21 @@ func NewClient(dir string) (*Client, error) {
 	return c, nil
 }
 
+// SetCoordinator points the client at another URL for the same
+// coordinator (verified by the same CA), without changing the saved state.
+func (c *Client) SetCoordinator(rawURL string) error {
+	base, err := ParseCoordinatorURL(rawURL)
+	if err != nil {
+		return err
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	next := *c.state
+	next.Coordinator = base
+	c.state = &next
+	return nil
+}
+
 // State returns the node's current identity.
 func (c *Client) State() *State {
 	c.mu.Lock()

@@ -35,6 +35,9 @@ type EnrollOptions struct {
 	StateDir string
 	// Force replaces an existing identity in StateDir.
 	Force bool
+	// Role is the role to enroll as ("" = node); the coordinator refuses a
+	// token for another role.
+	Role string
 	// Timeout bounds the whole exchange. Default 30s.
 	Timeout time.Duration
 }
@@ -98,7 +101,7 @@ func Enroll(ctx context.Context, o EnrollOptions) (*State, *wire.EnrollResponse,
 	}
 	var resp wire.EnrollResponse
 	err = wire.Call(ctx, hc, http.MethodPost, base+wire.PathEnroll, nil, wire.EnrollRequest{
-		Token: strings.TrimSpace(o.Token), Name: o.Name, WireGuardKey: wgKey.PublicKey().String(), CSR: string(csr),
+		Token: strings.TrimSpace(o.Token), Name: o.Name, WireGuardKey: wgKey.PublicKey().String(), CSR: string(csr), Role: o.Role,
 	}, &resp)
 	if err != nil {
 		var ue *url.Error
@@ -119,7 +122,7 @@ func Enroll(ctx context.Context, o EnrollOptions) (*State, *wire.EnrollResponse,
 		return nil, nil, fmt.Errorf("coordinator sent a CA (%s) that differs from the pinned one (%s)", pki.Pin(ca), o.CAPin)
 	}
 	st := &State{
-		Format: stateFormat, NodeID: resp.Node.ID, Name: resp.Node.Name, Coordinator: base,
+		Format: stateFormat, NodeID: resp.Node.ID, Name: resp.Node.Name, Role: resp.Node.Role, Coordinator: base,
 		CAPin: pki.Pin(ca), CA: resp.CA, Certificate: resp.Certificate, TLSKey: string(keyPEM),
 		WireGuard: wgKey.String(), IPv4: resp.Node.IPv4, IPv6: resp.Node.IPv6, Enrolled: time.Now().UTC(),
 	}

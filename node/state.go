@@ -41,6 +41,7 @@ type State struct {
 	Format      int       `json:"format"`
 	NodeID      string    `json:"node_id"`
 	Name        string    `json:"name"`
+	Role        string    `json:"role,omitempty"` // "" or "node", or "proxy"
 	Coordinator string    `json:"coordinator"`
 	CAPin       string    `json:"ca_pin"`
 	CA          string    `json:"ca"`          // PEM

@@ -46,6 +46,7 @@ const (
 	CodeUnauthorized  = "unauthorized"
 	CodeRevoked       = "revoked"
 	CodeCertExpired   = "cert_expired"
+	CodeWrongRole     = "wrong_role"
 	CodeForbidden     = "forbidden"
 	CodeNotFound      = "not_found"
 	CodeNameTaken     = "name_taken"
@@ -73,6 +74,10 @@ type EnrollRequest struct {
 	WireGuardKey string `json:"wireguard_key"`
 	// CSR is a PEM certificate request for the node's mTLS key.
 	CSR string `json:"csr"`
+	// Role is the role the device expects the token to grant ("" means
+	// node). A mismatch is refused before the token is used, so that a
+	// proxy is never enrolled with a node token or the other way round.
+	Role string `json:"role,omitempty"`
 }
 
 // EnrollResponse is everything a node needs to join.

@@ -256,6 +256,7 @@ type server struct {
 	*proc
 	dataDir string
 	addr    string // 127.0.0.1:PORT
+	http    string // the embedded proxy's 127.0.0.1:PORT
 }
 
 // startServer runs `meshctl server` on dataDir at 127.0.0.1:port and waits
@@ -263,8 +264,10 @@ type server struct {
 func startServer(t *testing.T, dataDir, port string) *server {
 	t.Helper()
 	addr := net.JoinHostPort("127.0.0.1", port)
-	p := start(t, nil, "server", "--data-dir", dataDir, "--listen", addr, "--public-host", "127.0.0.1")
-	s := &server{proc: p, dataDir: dataDir, addr: addr}
+	httpAddr := net.JoinHostPort("127.0.0.1", freePort(t))
+	p := start(t, nil, "server", "--data-dir", dataDir, "--listen", addr, "--public-host", "127.0.0.1",
+		"--http", httpAddr, "--wg-listen", net.JoinHostPort("127.0.0.1", freeUDPPort(t)))
+	s := &server{proc: p, dataDir: dataDir, addr: addr, http: httpAddr}
 	eventually(t, 20*time.Second, "the server's admin socket to answer", func() bool {
 		if p.exited() {
 			t.Fatalf("meshctl server exited early (%v)\nstdout:\n%s\nstderr:\n%s", p.err, p.stdout, p.stderr)
@@ -272,4 +275,15 @@ func startServer(t *testing.T, dataDir, port string) *server {
 		return meshctl(t, nil, "nodes", "list", "--data-dir", dataDir, "--json").code == 0
 	})
 	return s
+}
+
+// freeUDPPort returns a UDP port that was free a moment ago on 127.0.0.1.
+func freeUDPPort(t *testing.T) string {
+	t.Helper()
+	c, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	return strconv.Itoa(c.LocalAddr().(*net.UDPAddr).Port)
 }

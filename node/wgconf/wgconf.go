@@ -173,15 +173,27 @@ func FromNetmap(nm *wire.Netmap, opts Options) ([]Peer, error) {
 			owner[a] = who
 		}
 
+		var loopback netip.AddrPort
 		for _, s := range wp.Endpoints {
 			ap, err := netip.ParseAddrPort(s)
 			if err != nil {
 				return fail("endpoint %q is not IP:port: %v", s, err)
 			}
-			if p.Endpoint.IsValid() || !usableEndpoint(ap) {
-				continue // keep the first usable one, but validate them all
+			switch {
+			case p.Endpoint.IsValid() || !usableEndpoint(ap):
+				// keep the first usable one, but validate them all
+			case ap.Addr().Unmap().IsLoopback():
+				// A peer on a host with no other address advertises loopback:
+				// only useful from the same host, so the last resort.
+				if !loopback.IsValid() {
+					loopback = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+				}
+			default:
+				p.Endpoint = localize(ap, opts.IsLocal)
 			}
-			p.Endpoint = localize(ap, opts.IsLocal)
+		}
+		if !p.Endpoint.IsValid() {
+			p.Endpoint = loopback
 		}
 
 		if wp.Role == wire.RoleProxy {
@@ -246,11 +258,13 @@ func parseAddr(s string, v4 bool) (netip.Addr, error) {
 	return a, nil
 }
 
-// usableEndpoint reports whether another host could reach us through ap.
+// usableEndpoint reports whether ap can be sent to at all. Loopback is
+// usable (a peer or proxy on this very host); FromNetmap prefers other
+// addresses for peers.
 func usableEndpoint(ap netip.AddrPort) bool {
 	a := ap.Addr().Unmap()
 	return ap.Port() != 0 && a.Zone() == "" &&
-		!a.IsUnspecified() && !a.IsMulticast() && !a.IsLoopback() &&
+		!a.IsUnspecified() && !a.IsMulticast() &&
 		!(a.Is6() && a.IsLinkLocalUnicast()) &&
 		a != netip.AddrFrom4([4]byte{255, 255, 255, 255})
 }

@@ -1,0 +1,232 @@
+package proxy
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/meshctl/meshctl/node"
+	"github.com/meshctl/meshctl/wire"
+)
+
+// Options configures a Proxy. Zero values mean the documented default.
+type Options struct {
+	// Domain is the proxy's domain: <node>.<Domain> reaches a node's
+	// default service. Required; "localhost" works for local use.
+	Domain string
+	// HTTP is the plain-HTTP listen address; empty disables it. With TLS
+	// on, it only redirects to HTTPS.
+	HTTP string
+	// HTTPS is the HTTPS listen address, used when TLS is set.
+	HTTPS string
+	// TLS is the HTTPS server configuration (certificates); nil means no
+	// HTTPS.
+	TLS *tls.Config
+	// Agent configures the proxy's own mesh membership (its state dir, its
+	// WireGuard port). Its OnNetmap is set by New.
+	Agent node.AgentOptions
+	// DialTimeout bounds connecting to a node's service; a node that does
+	// not answer in time gets 502. Default 10s.
+	DialTimeout time.Duration
+	// Logger receives the proxy's logs (nil discards).
+	Logger *slog.Logger
+}
+
+// Proxy is a mesh member with role proxy: a node agent on netstack (the
+// public WireGuard endpoint that nodes behind NAT keep alive to) plus the
+// HTTP(S) front that routes <name>.<domain> to nodes' services through it.
+type Proxy struct {
+	opts  Options
+	log   *slog.Logger
+	agent *node.Agent
+	table atomic.Pointer[Table]
+
+	handler *Handler
+	servers []*http.Server
+	lns     []net.Listener
+	wg      sync.WaitGroup
+	once    sync.Once
+}
+
+// New validates opts and loads the proxy's identity (it must have been
+// enrolled with a proxy token).
+func New(opts Options) (*Proxy, error) {
+	opts.Domain = strings.TrimSuffix(strings.ToLower(opts.Domain), ".")
+	if opts.Domain == "" || CanonicalHost("x."+opts.Domain) == "" {
+		return nil, fmt.Errorf("proxy: --domain %q is not a DNS name (e.g. mesh.example.com, or localhost for local use)", opts.Domain)
+	}
+	if opts.HTTP == "" && opts.TLS == nil {
+		return nil, errors.New("proxy: nothing to serve: give --http, or --https with a certificate")
+	}
+	if opts.TLS != nil && opts.HTTPS == "" {
+		return nil, errors.New("proxy: a TLS certificate needs an --https address")
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	p := &Proxy{opts: opts, log: opts.Logger}
+	p.table.Store(BuildTable(&wire.Netmap{}, opts.Domain))
+	agentOpts := opts.Agent
+	agentOpts.Logger = opts.Logger
+	agentOpts.OnNetmap = p.setNetmap
+	st, err := node.LoadState(agentOpts.StateDir)
+	if err != nil {
+		return nil, err
+	}
+	if st.Role != wire.RoleProxy {
+		return nil, fmt.Errorf("%s holds the identity of node %q, not of a proxy: give the proxy its own --state-dir", agentOpts.StateDir, st.Name)
+	}
+	if p.agent, err = node.NewAgent(agentOpts); err != nil {
+		return nil, err
+	}
+	p.handler, err = NewHandler(HandlerOptions{
+		Table:       p.table.Load,
+		Dial:        p.agent.DialContext,
+		Authorize:   p.authorize,
+		Logger:      opts.Logger,
+		DialTimeout: opts.DialTimeout,
+	})
+	if err != nil {
+		return nil, err
+	}
+	return p, nil
+}
+
+// setNetmap swaps in the route table of a new netmap (the agent calls it
+// after every applied netmap).
+func (p *Proxy) setNetmap(nm *wire.Netmap) {
+	t := BuildTable(nm, p.opts.Domain)
+	p.table.Store(t)
+	if p.handler != nil {
+		p.handler.TableChanged()
+	}
+	p.log.Debug("routes updated", "routes", t.Len(), "netmap_version", nm.Version)
+}
+
+// Table returns the current route table.
+func (p *Proxy) Table() *Table { return p.table.Load() }
+
+// Agent returns the proxy's mesh agent.
+func (p *Proxy) Agent() *node.Agent { return p.agent }
+
+// authorize lets public routes through and stops private ones.
+func (p *Proxy) authorize(w http.ResponseWriter, r *http.Request, rt Route) bool {
+	if rt.Public {
+		return true
+	}
+	writePage(w, http.StatusUnauthorized, "Sign-in required",
+		"This service is private. Ask your administrator to make it public or for an access key.")
+	return false
+}
+
+// Start joins the mesh and opens the listeners.
+func (p *Proxy) Start() (err error) {
+	defer func() {
+		if err != nil {
+			p.Close()
+		}
+	}()
+	if err := p.agent.Start(); err != nil {
+		return err
+	}
+	if p.opts.TLS != nil {
+		if err := p.listen(p.opts.HTTPS, p.handler, p.opts.TLS); err != nil {
+			return err
+		}
+	}
+	if p.opts.HTTP != "" {
+		var h http.Handler = p.handler
+		if p.opts.TLS != nil {
+			h = http.HandlerFunc(redirectToHTTPS(p.opts.HTTPS))
+		}
+		if err := p.listen(p.opts.HTTP, h, nil); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (p *Proxy) listen(addr string, h http.Handler, tlsConf *tls.Config) error {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		if errors.Is(err, syscall.EACCES) {
+			return fmt.Errorf("proxy: listening on %s needs root or CAP_NET_BIND_SERVICE (ports below 1024); pick another port, e.g. --http :8080: %w", addr, err)
+		}
+		return fmt.Errorf("proxy: listen on %s: %w", addr, err)
+	}
+	if tlsConf != nil {
+		ln = tls.NewListener(ln, tlsConf)
+	}
+	srv := &http.Server{
+		Handler:           h,
+		ReadHeaderTimeout: 10 * time.Second, // slowloris
+		IdleTimeout:       120 * time.Second,
+		MaxHeaderBytes:    64 << 10,
+		ErrorLog:          slog.NewLogLogger(p.log.Handler(), slog.LevelDebug),
+		TLSConfig:         tlsConf,
+	}
+	p.servers = append(p.servers, srv)
+	p.lns = append(p.lns, ln)
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			p.log.Error("proxy listener stopped", "addr", addr, "err", err)
+		}
+	}()
+	scheme := "http"
+	if tlsConf != nil {
+		scheme = "https"
+	}
+	p.log.Info("proxy listening", "addr", ln.Addr().String(), "scheme", scheme, "domain", p.opts.Domain)
+	return nil
+}
+
+// Addrs returns the listeners' addresses: HTTPS first when on.
+func (p *Proxy) Addrs() []net.Addr {
+	out := make([]net.Addr, 0, len(p.lns))
+	for _, ln := range p.lns {
+		out = append(out, ln.Addr())
+	}
+	return out
+}
+
+// Close stops the listeners and leaves the mesh. Idempotent.
+func (p *Proxy) Close() error {
+	p.once.Do(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		for _, s := range p.servers {
+			if err := s.Shutdown(ctx); err != nil {
+				s.Close()
+			}
+		}
+		p.wg.Wait()
+		p.agent.Close()
+	})
+	return nil
+}
+
+func redirectToHTTPS(httpsAddr string) func(http.ResponseWriter, *http.Request) {
+	_, port, _ := net.SplitHostPort(httpsAddr)
+	return func(w http.ResponseWriter, r *http.Request) {
+		host := CanonicalHost(r.Host)
+		if host == "" {
+			http.NotFound(w, r)
+			return
+		}
+		if port != "" && port != "443" {
+			host = net.JoinHostPort(host, port)
+		}
+		http.Redirect(w, r, "https://"+host+r.URL.RequestURI(), http.StatusPermanentRedirect)
+	}
+}
