@@ -149,6 +149,10 @@ type Netmap struct {
 	ProxyEndpoint string `json:"proxy_endpoint,omitempty"`
 	// Domain is the proxy's domain (<name>.<domain>), empty without a proxy.
 	Domain string `json:"domain,omitempty"`
+	// AccessRevoked lists the ids of access keys that were revoked before
+	// they expired; only proxies' netmaps carry it, and a proxy ends the
+	// sessions they opened at once.
+	AccessRevoked []string `json:"access_revoked,omitempty"`
 	// IPv4Pool and IPv6Pool are the overlay prefixes every member's
 	// addresses come from (routed into a TUN interface as a whole).
 	IPv4Pool string `json:"ipv4_pool"`
@@ -251,4 +255,55 @@ type Info struct {
 	CAPin       string `json:"ca_pin"`
 	IPv4Pool    string `json:"ipv4_pool"`
 	IPv6Pool    string `json:"ipv6_pool"`
+}
+
+// AccessKey is an access key as admins see it (never the secret). An access
+// key lets a browser through the proxy to private services: all of them,
+// or one node's, or one service of one node.
+type AccessKey struct {
+	ID        string    `json:"id"`
+	Node      string    `json:"node,omitempty"`    // empty: any node
+	Service   string    `json:"service,omitempty"` // empty: any service
+	Created   time.Time `json:"created"`
+	Expires   time.Time `json:"expires"`
+	Revoked   bool      `json:"revoked"`
+	CreatedBy string    `json:"created_by"`
+}
+
+// AccessKeyCreateRequest asks for a new access key.
+type AccessKeyCreateRequest struct {
+	Node    string   `json:"node,omitempty"`
+	Service string   `json:"service,omitempty"`
+	TTL     Duration `json:"ttl"` // 0 = 24h
+}
+
+// AccessKeyCreateResponse is returned once; the secret is not stored.
+type AccessKeyCreateResponse struct {
+	Key     string    `json:"key"`
+	ID      string    `json:"id"`
+	Node    string    `json:"node,omitempty"`
+	Service string    `json:"service,omitempty"`
+	Expires time.Time `json:"expires"`
+}
+
+// AccessCheckRequest is a proxy asking whether Key opens Node's Service.
+type AccessCheckRequest struct {
+	Key     string `json:"key"`
+	Node    string `json:"node"`
+	Service string `json:"service"`
+}
+
+// AccessCheckResponse is a yes: the key's id and when it expires. A no is
+// a 401 that does not say why.
+type AccessCheckResponse struct {
+	ID      string    `json:"id"`
+	Expires time.Time `json:"expires"`
+}
+
+// VisibilityRequest sets whether a node's service is public (no sign-in at
+// the proxy) or private, overriding what the node reports.
+type VisibilityRequest struct {
+	Node    string `json:"node"`
+	Service string `json:"service"`
+	Public  bool   `json:"public"`
 }
