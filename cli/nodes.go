@@ -12,7 +12,7 @@ import (
 func nodesCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "nodes",
-		Usage: "list, revoke and rename nodes",
+		Usage: "list, revoke and rename nodes; make their services public or private",
 		Subcommands: []*cli.Command{
 			{
 				Name:  "list",
@@ -41,8 +41,69 @@ Example: meshctl nodes revoke --data-dir ./data pi1`,
 				Flags:     adminFlags(),
 				Action:    nodesRename,
 			},
+			{
+				Name:      "set-public",
+				Usage:     "make a node's service public: browsers open it through the proxy without signing in",
+				ArgsUsage: "NODE SERVICE",
+				Description: `A public service is open to anyone who can reach the proxy, at
+https://NODE.DOMAIN/ (or https://SERVICE--NODE.DOMAIN/). This overrides what the
+node itself reports (meshctl up --expose NAME=ADDR,public), now and later,
+and every member's netmap changes at once. The service need not be published
+yet: the setting applies when it is.
+
+Undo it with meshctl nodes set-private NODE SERVICE.
+
+Example: meshctl nodes set-public --data-dir ./data pi web`,
+				Flags:  adminFlags(),
+				Action: func(c *cli.Context) error { return nodesSetVisibility(c, true) },
+			},
+			{
+				Name:      "set-private",
+				Usage:     "make a node's service private: browsers must sign in with an access key",
+				ArgsUsage: "NODE SERVICE",
+				Description: `A private service first shows a sign-in page at the proxy that asks for an
+access key (create one with meshctl access-key create). This overrides what
+the node itself reports, now and later, and every member's netmap changes at
+once. The service need not be published yet: the setting applies when it is.
+
+Example: meshctl nodes set-private --data-dir ./data pi web`,
+				Flags:  adminFlags(),
+				Action: func(c *cli.Context) error { return nodesSetVisibility(c, false) },
+			},
 		},
 	}
+}
+
+func nodesSetVisibility(c *cli.Context, public bool) error {
+	args, err := positional(c, "node", "service")
+	if err != nil {
+		return err
+	}
+	ac, err := newAdminClient(c)
+	if err != nil {
+		return err
+	}
+	var n wire.Node
+	if err := ac.call(c.Context, "POST", wire.PathAdminVisibility, wire.VisibilityRequest{Node: args[0], Service: args[1], Public: public}, &n); err != nil {
+		if wire.IsCode(err, wire.CodeNotFound) {
+			return fmt.Errorf("no active node named %q (see meshctl nodes list)", args[0])
+		}
+		return err
+	}
+	w := c.App.Writer
+	if public {
+		fmt.Fprintf(w, "service %s of node %s is now public: anyone who reaches the proxy can open it without signing in\n", args[1], n.Name)
+	} else {
+		fmt.Fprintf(w, "service %s of node %s is now private: browsers must sign in with an access key (meshctl access-key create)\n", args[1], n.Name)
+	}
+	published := false
+	for _, s := range n.Services {
+		published = published || s.Name == args[1]
+	}
+	if !published {
+		fmt.Fprintf(w, "(node %s does not publish a service %q yet; the setting applies when it does)\n", n.Name, args[1])
+	}
+	return nil
 }
 
 func nodesList(c *cli.Context) error {

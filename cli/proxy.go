@@ -36,6 +36,10 @@ func proxyFlags() []cli.Flag {
 		&cli.StringFlag{Name: "tls-cert", EnvVars: env("tls-cert"), Usage: "PEM certificate for HTTPS (e.g. a wildcard for *.DOMAIN)"},
 		&cli.StringFlag{Name: "tls-key", EnvVars: env("tls-key"), Usage: "PEM private key of --tls-cert (must be 0600)"},
 		&cli.StringFlag{Name: "wg-listen", Value: DefaultWGListen, EnvVars: env("wg-listen"), Usage: "UDP address of the proxy's WireGuard endpoint (nodes behind NAT keep alive to it)"},
+		&cli.StringFlag{Name: "metrics", EnvVars: env("metrics"), Usage: "serve Prometheus metrics at http://ADDR/metrics (off by default; keep it private, e.g. 127.0.0.1:9090)"},
+		&cli.BoolFlag{Name: "acme", EnvVars: env("acme"), Usage: "HTTPS with certificates from Let's Encrypt (or --acme-directory) for the hosts of enrolled nodes; needs --http on port 80 reachable from the internet"},
+		&cli.StringFlag{Name: "acme-directory", Value: "https://acme-v02.api.letsencrypt.org/directory", EnvVars: env("acme-directory"), Usage: "ACME directory URL (another ACME CA)"},
+		&cli.StringFlag{Name: "acme-email", EnvVars: env("acme-email"), Usage: "contact e-mail for the ACME account (optional)"},
 	}
 }
 
@@ -101,7 +105,7 @@ func runProxyServe(c *cli.Context) error {
 	} else if err != nil {
 		return err
 	}
-	px, err := startProxy(c, dir, "", log)
+	px, err := startProxy(c, dir, "", nil, log)
 	if err != nil {
 		return err
 	}
@@ -111,24 +115,38 @@ func runProxyServe(c *cli.Context) error {
 
 // startProxy builds and starts the proxy whose identity is in dir.
 // coordinator overrides the saved coordinator URL when set.
-func startProxy(c *cli.Context, dir, coordinator string, log *slog.Logger) (*proxy.Proxy, error) {
+// localTLS, when set, is a certificate from the coordinator CA
+// (all-in-one server with --tls-local).
+func startProxy(c *cli.Context, dir, coordinator string, localTLS *tls.Config, log *slog.Logger) (*proxy.Proxy, error) {
 	port, err := udpPort(c.String("wg-listen"))
 	if err != nil {
 		return nil, err
 	}
-	var tlsConf *tls.Config
+	tlsConf := localTLS
 	if cert, key := c.String("tls-cert"), c.String("tls-key"); cert != "" || key != "" {
+		if tlsConf != nil {
+			return nil, usageError("--tls-cert and --tls-local exclude each other")
+		}
 		if tlsConf, err = loadTLS(cert, key); err != nil {
 			return nil, err
 		}
 	}
+	var acme *proxy.ACME
+	if c.Bool("acme") {
+		if tlsConf != nil {
+			return nil, usageError("--acme excludes --tls-cert and --tls-local")
+		}
+		acme = &proxy.ACME{Directory: c.String("acme-directory"), Email: c.String("acme-email"), CacheDir: filepath.Join(dir, "acme")}
+	}
 	px, err := proxy.New(proxy.Options{
-		Domain: c.String("domain"),
-		HTTP:   c.String("http"),
-		HTTPS:  c.String("https"),
-		TLS:    tlsConf,
-		Agent:  node.AgentOptions{StateDir: dir, ListenPort: port, Coordinator: coordinator},
-		Logger: log,
+		Domain:  c.String("domain"),
+		HTTP:    c.String("http"),
+		HTTPS:   c.String("https"),
+		TLS:     tlsConf,
+		ACME:    acme,
+		Metrics: c.String("metrics"),
+		Agent:   node.AgentOptions{StateDir: dir, ListenPort: port, Coordinator: coordinator},
+		Logger:  log,
 	})
 	if err != nil {
 		return nil, err

@@ -1,16 +1,20 @@
 package cli
 
 import (
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"net/netip"
+	"path/filepath"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/meshctl/meshctl/coordinator"
 	"github.com/meshctl/meshctl/node"
+	"github.com/meshctl/meshctl/pki"
 	"github.com/meshctl/meshctl/proxy"
 	"github.com/meshctl/meshctl/wire"
 	"github.com/urfave/cli/v2"
@@ -43,6 +47,7 @@ Example (local, no root):
 			&cli.StringFlag{Name: "cidr", Value: coordinator.DefaultIPv4Pool.String(), EnvVars: env("cidr"), Usage: "IPv4 pool for overlay addresses"},
 			&cli.DurationFlag{Name: "quarantine", Value: coordinator.DefaultQuarantine, EnvVars: env("quarantine"), Usage: "how long a revoked node's addresses are held back before reuse"},
 			&cli.DurationFlag{Name: "cert-ttl", Value: coordinator.DefaultCertValidity, EnvVars: env("cert-ttl"), Usage: "lifetime of node client certificates (nodes renew them automatically)"},
+			&cli.BoolFlag{Name: "tls-local", EnvVars: env("tls-local"), Usage: "serve --https with a certificate for *.DOMAIN from this server's own CA (for local use; install DATA_DIR/ca.crt in browsers)"},
 			&cli.StringFlag{Name: "wg-endpoint", EnvVars: env("wg-endpoint"), Usage: "the proxy's WireGuard endpoint as nodes reach it, HOST:PORT (default: --public-host with the --wg-listen port)"},
 		}, append(proxyFlags(), logFlags()...)...),
 		Action: runServer,
@@ -145,7 +150,18 @@ func startEmbeddedProxy(c *cli.Context, srv *coordinator.Server, log *slog.Logge
 	} else if err != nil {
 		return nil, fmt.Errorf("embedded proxy: %w", err)
 	}
-	return startProxy(c, dir, local, log)
+	var localTLS *tls.Config
+	if c.Bool("tls-local") {
+		domain := strings.ToLower(c.String("domain"))
+		cert, err := srv.CA().IssueServerCert([]string{"*." + domain, domain}, time.Now(), 90*24*time.Hour)
+		if err != nil {
+			return nil, fmt.Errorf("--tls-local: %w", err)
+		}
+		localTLS = &tls.Config{MinVersion: tls.VersionTLS12, Certificates: []tls.Certificate{cert}, NextProtos: []string{"h2", "http/1.1"}}
+		fmt.Fprintf(c.App.Writer, "  HTTPS:        *.%s with a certificate from this server's CA (%s); browsers must trust that CA\n",
+			domain, filepath.Join(c.String("data-dir"), pki.CACertFile))
+	}
+	return startProxy(c, dir, local, localTLS, log)
 }
 
 func hostOf(hostport string) string {

@@ -34,6 +34,10 @@ func (s *Server) adminRoutes(mux *http.ServeMux, auth adminAuth) {
 	mux.Handle("GET "+wire.PathAdminKeys, auth(s.adminListKeys))
 	mux.Handle("POST "+wire.PathAdminKeys, auth(s.adminCreateKey))
 	mux.Handle("POST "+wire.PathAdminKeyRevoke, auth(s.adminRevokeKey))
+	mux.Handle("GET "+wire.PathAdminAccessKeys, auth(s.adminListAccessKeys))
+	mux.Handle("POST "+wire.PathAdminAccessKeys, auth(s.adminCreateAccessKey))
+	mux.Handle("POST "+wire.PathAdminAccessKeyRevoke, auth(s.adminRevokeAccessKey))
+	mux.Handle("POST "+wire.PathAdminVisibility, auth(s.adminSetVisibility))
 }
 
 func (s *Server) adminSocketHandler() http.Handler {

@@ -20,7 +20,18 @@ import (
 type snapshot struct {
 	version uint64
 	byID    map[string]*wire.Peer
+	byName  map[string]*wire.Peer
 	sorted  []*wire.Peer // by name
+	// accessRevoked lists the access keys revoked before they expired,
+	// sorted by id. Only proxies' netmaps carry it, without the entries
+	// that have expired since (pruned when rendering).
+	accessRevoked []revokedAccess
+}
+
+// revokedAccess is an access key revoked before its expiry.
+type revokedAccess struct {
+	id      string
+	expires time.Time
 }
 
 // netmapState holds the current snapshot and wakes long-polls on change.
@@ -29,13 +40,21 @@ type netmapState struct {
 
 	mu      sync.Mutex // serialises writers; guards changed
 	changed chan struct{}
+
+	// accessMu serialises refreshes of the revoked access keys (read the
+	// store, then publish), so that an older read never replaces a newer
+	// one.
+	accessMu sync.Mutex
 }
 
 // newNetmapState builds the first snapshot from the store's active nodes.
 // Versions start at the wall clock in nanoseconds, so they keep growing
 // across coordinator restarts and a node's cached version never aliases a
 // new one.
-func newNetmapState(nodes []store.Node, now time.Time) *netmapState {
+//
+// revoked are the access keys revoked before they expired (see
+// revokedAccessOf).
+func newNetmapState(nodes []store.Node, revoked []revokedAccess, now time.Time) *netmapState {
 	s := &netmapState{changed: make(chan struct{})}
 	byID := make(map[string]*wire.Peer, len(nodes))
 	for i := range nodes {
@@ -43,17 +62,30 @@ func newNetmapState(nodes []store.Node, now time.Time) *netmapState {
 			byID[nodes[i].ID] = peerOf(&nodes[i])
 		}
 	}
-	s.snap.Store(newSnapshot(uint64(now.UnixNano()), byID))
+	s.snap.Store(newSnapshot(uint64(now.UnixNano()), byID, revoked))
 	return s
 }
 
-func newSnapshot(version uint64, byID map[string]*wire.Peer) *snapshot {
+func newSnapshot(version uint64, byID map[string]*wire.Peer, revoked []revokedAccess) *snapshot {
 	sorted := make([]*wire.Peer, 0, len(byID))
+	byName := make(map[string]*wire.Peer, len(byID))
 	for _, p := range byID {
 		sorted = append(sorted, p)
+		byName[p.Name] = p
 	}
 	slices.SortFunc(sorted, func(a, b *wire.Peer) int { return cmp.Compare(a.Name, b.Name) })
-	return &snapshot{version: version, byID: byID, sorted: sorted}
+	return &snapshot{version: version, byID: byID, byName: byName, sorted: sorted, accessRevoked: revoked}
+}
+
+// lookup returns the active node named nameOrID, or else the active node
+// with that id. Names win: a name that is also another node's id names
+// the node with that name.
+func (snap *snapshot) lookup(nameOrID string) (*wire.Peer, bool) {
+	if p, ok := snap.byName[nameOrID]; ok {
+		return p, true
+	}
+	p, ok := snap.byID[nameOrID]
+	return p, ok
 }
 
 func (s *netmapState) current() *snapshot { return s.snap.Load() }
@@ -85,7 +117,28 @@ func (s *netmapState) apply(id string, p *wire.Peer) {
 	} else {
 		byID[id] = p
 	}
-	s.snap.Store(newSnapshot(old.version+1, byID))
+	s.publish(newSnapshot(old.version+1, byID, old.accessRevoked))
+}
+
+// setAccessRevoked publishes a new snapshot with the same nodes and l as
+// the revoked access keys, unless l is what the current snapshot has.
+func (s *netmapState) setAccessRevoked(l []revokedAccess) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	old := s.snap.Load()
+	if slices.Equal(old.accessRevoked, l) {
+		return
+	}
+	next := *old
+	next.version++
+	next.accessRevoked = l
+	s.publish(&next)
+}
+
+// publish stores snap as the current snapshot and wakes every waiter.
+// The caller holds s.mu.
+func (s *netmapState) publish(snap *snapshot) {
+	s.snap.Store(snap)
 	close(s.changed)
 	s.changed = make(chan struct{})
 }
@@ -111,13 +164,42 @@ func (snap *snapshot) netmapFor(id string, o *Options, ipv6Pool netip.Prefix) (w
 			nm.Peers = append(nm.Peers, *p)
 		}
 	}
+	if self.Role == wire.RoleProxy && len(snap.accessRevoked) > 0 {
+		now := o.Now()
+		for _, r := range snap.accessRevoked {
+			if now.Before(r.expires) {
+				nm.AccessRevoked = append(nm.AccessRevoked, r.id)
+			}
+		}
+	}
 	return nm, true
 }
 
+// revokedAccessOf picks the keys that were revoked before they expired and
+// have not expired at now, sorted by id: the ones a proxy must refuse
+// although it may have admitted them.
+func revokedAccessOf(keys []store.AccessKey, now time.Time) []revokedAccess {
+	var out []revokedAccess
+	for _, k := range keys {
+		if !k.RevokedAt.IsZero() && k.RevokedAt.Before(k.Expires) && now.Before(k.Expires) {
+			out = append(out, revokedAccess{id: k.ID, expires: k.Expires})
+		}
+	}
+	slices.SortFunc(out, func(a, b revokedAccess) int { return cmp.Compare(a.id, b.id) })
+	return out
+}
+
+// peerOf renders a stored node as a peer. An admin's visibility override
+// decides whether a service is public, whatever the node reported.
 func peerOf(n *store.Node) *wire.Peer {
 	var svcs []wire.Service
 	if n.ServicesJSON != "" {
 		_ = json.Unmarshal([]byte(n.ServicesJSON), &svcs) // written by us, validated on the way in
+	}
+	for i := range svcs {
+		if public, ok := n.Visibility[svcs[i].Name]; ok {
+			svcs[i].Public = public
+		}
 	}
 	return &wire.Peer{
 		ID:           n.ID,

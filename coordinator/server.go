@@ -223,7 +223,11 @@ func New(opts Options) (s *Server, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("coordinator: load nodes: %w", err)
 	}
-	s.state = newNetmapState(nodes, now)
+	keys, err := opts.Store.ListAccessKeys(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("coordinator: load access keys: %w", err)
+	}
+	s.state = newNetmapState(nodes, revokedAccessOf(keys, now), now)
 	s.limiter = newFailLimiter(opts.FailureBurst, 6*time.Second, opts.Now)
 	s.seen = newSeenTracker(opts.Store, opts.Now, s.log)
 	return s, nil
@@ -361,6 +365,7 @@ func (s *Server) apiHandler() http.Handler {
 	mux.Handle("GET "+wire.PathNetmap, s.nodeAuth(s.handleNetmap))
 	mux.Handle("POST "+wire.PathUpdate, s.nodeAuth(s.handleUpdate))
 	mux.Handle("POST "+wire.PathRenew, s.nodeAuthGrace(s.handleRenew, true))
+	mux.Handle("POST "+wire.PathAccessCheck, s.nodeAuth(s.handleAccessCheck))
 	s.adminRoutes(mux, s.adminKeyAuth)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusNotFound, wire.Error{Code: wire.CodeNotFound, Message: "no such API endpoint: " + r.Method + " " + r.URL.Path})

@@ -354,6 +354,10 @@ func (a *Agent) apply(nm *wire.Netmap) error {
 	return nil
 }
 
+// Client is the agent's control client (the node's mTLS identity toward the
+// coordinator).
+func (a *Agent) Client() *Client { return a.client }
+
 // DialContext opens a connection over the mesh to an overlay address
 // (netstack or TUN, whichever the agent runs).
 func (a *Agent) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {

@@ -139,3 +139,15 @@ func (c *Client) RenewIfDue(ctx context.Context, now time.Time, force bool) (boo
 	c.hc.CloseIdleConnections() // new connections present the new certificate
 	return true, nil
 }
+
+// CheckAccessKey asks the coordinator whether req.Key opens req.Service on
+// req.Node (by name). Only a proxy's identity may ask. A refused key is a
+// *wire.APIError with status 401 and code wire.CodeUnauthorized that says
+// nothing about why; other errors mean the question could not be answered.
+func (c *Client) CheckAccessKey(ctx context.Context, req wire.AccessCheckRequest) (wire.AccessCheckResponse, error) {
+	var resp wire.AccessCheckResponse
+	if err := c.call(ctx, http.MethodPost, wire.PathAccessCheck, req, &resp); err != nil {
+		return wire.AccessCheckResponse{}, err
+	}
+	return resp, nil
+}

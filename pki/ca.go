@@ -227,3 +227,19 @@ func publicKeysEqual(a, b crypto.PublicKey) bool {
 	db, err2 := x509.MarshalPKIXPublicKey(b)
 	return err1 == nil && err2 == nil && bytes.Equal(da, db)
 }
+
+// IssueServerCert issues a TLS server certificate with a fresh key for
+// hosts (names, wildcards such as "*.mesh.example" or addresses), chained
+// [leaf, CA]. The all-in-one server uses it to serve the proxy over HTTPS
+// from its own CA for local use.
+func (ca *CA) IssueServerCert(hosts []string, now time.Time, validity time.Duration) (tls.Certificate, error) {
+	key, err := GenerateKey()
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	leaf, err := ca.issue(key.Public(), pkix.Name{CommonName: hosts[0]}, hosts, x509.ExtKeyUsageServerAuth, now, validity)
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	return tls.Certificate{Certificate: [][]byte{leaf.Raw, ca.Cert.Raw}, PrivateKey: key, Leaf: leaf}, nil
+}

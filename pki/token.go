@@ -18,6 +18,9 @@ import (
 const (
 	KindEnroll = "enroll"
 	KindAdmin  = "admin"
+	// KindAccess is an access key: it lets a browser through the proxy to
+	// private services ("meshctl-access-<id>-<secret>").
+	KindAccess = "access"
 )
 
 const (

@@ -1,9 +1,15 @@
 package proxy_test
 
 import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"io"
+	"net"
 	"net/http"
+	"net/http/cookiejar"
 	"net/http/httptest"
+	"net/url"
 	"strings"
 	"testing"
 	"time"
@@ -105,4 +111,111 @@ func TestProxyNeedsProxyToken(t *testing.T) {
 	if _, err := c.Enroll(t, "pi1", tok.Token); err != nil {
 		t.Fatalf("node token after the refused proxy enrollment: %v", err)
 	}
+}
+
+// HTTPS with a certificate from the coordinator's CA (what --tls-local
+// does), HTTP/2 negotiated, and plain HTTP redirected to HTTPS.
+func TestTLSFromCoordinatorCAWithHTTP2(t *testing.T) {
+	c := meshtest.NewCoordinator(t)
+	cert, err := c.CA().IssueServerCert([]string{"*." + meshtest.Domain, meshtest.Domain}, time.Now(), time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	px := c.AddProxy(t, func(o *proxy.Options) {
+		o.HTTPS = "127.0.0.1:0"
+		o.TLS = &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{"h2", "http/1.1"}}
+	})
+	c.AddAgent(t, "pi1", expose(t, "web="+backend(t, "over tls")+",public"))
+	httpsAddr, httpAddr := px.Addrs()[0].String(), px.Addrs()[1].String()
+	roots := x509.NewCertPool()
+	roots.AddCert(c.CA().Cert)
+	hc := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
+		TLSClientConfig:   &tls.Config{RootCAs: roots},
+		ForceAttemptHTTP2: true,
+		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, network, httpsAddr) // every host → the proxy
+		},
+	}, CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	var resp *http.Response
+	meshtest.WaitFor(t, deadline, func() bool {
+		r, err := hc.Get("https://" + host("pi1") + "/")
+		if err != nil {
+			return false
+		}
+		defer r.Body.Close()
+		b, _ := io.ReadAll(r.Body)
+		resp = r
+		return r.StatusCode == 200 && string(b) == "over tls"
+	}, "pi1 over HTTPS")
+	if resp.ProtoMajor != 2 {
+		t.Fatalf("protocol %s, want HTTP/2", resp.Proto)
+	}
+	req, _ := http.NewRequest(http.MethodGet, "http://"+httpAddr+"/x?y=1", nil)
+	req.Host = host("pi1")
+	r, err := http.DefaultTransport.RoundTrip(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.Body.Close()
+	_, port, _ := net.SplitHostPort(httpsAddr)
+	if r.StatusCode != http.StatusPermanentRedirect || r.Header.Get("Location") != "https://"+host("pi1")+":"+port+"/x?y=1" {
+		t.Fatalf("plain HTTP with TLS on: %d %q", r.StatusCode, r.Header.Get("Location"))
+	}
+}
+
+// The whole private-route flow against the real coordinator: sign-in page,
+// a wrong key refused, an access key from the coordinator lets the browser
+// in with a host-only cookie, and revoking the key ends the session.
+func TestAccessKeySignIn(t *testing.T) {
+	c := meshtest.NewCoordinator(t)
+	px := c.AddProxy(t)
+	c.AddAgent(t, "pi1", expose(t, "web="+backend(t, "private page")))
+	meshtest.WaitFor(t, deadline, func() bool { return px.Table().Len() > 0 }, "a route for pi1")
+
+	var key wire.AccessKeyCreateResponse
+	if err := c.Admin(http.MethodPost, wire.PathAdminAccessKeys, wire.AccessKeyCreateRequest{Node: "pi1"}, &key); err != nil {
+		t.Fatal(err)
+	}
+	jar, _ := cookiejar.New(nil)
+	hc := &http.Client{Jar: jar, Timeout: 10 * time.Second, Transport: &http.Transport{
+		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, network, strings.TrimPrefix(px.URL, "http://"))
+		},
+	}}
+	base := "http://" + host("pi1")
+	get := func() (int, string) {
+		r, err := hc.Get(base + "/")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer r.Body.Close()
+		b, _ := io.ReadAll(r.Body)
+		return r.StatusCode, string(b)
+	}
+	if code, body := get(); code != http.StatusUnauthorized || !strings.Contains(body, `name="key"`) {
+		t.Fatalf("private page without a session: %d %q", code, body)
+	}
+	post := func(k string) int {
+		r, err := hc.PostForm(base+"/.meshctl/signin", url.Values{"key": {k}, "next": {"/"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		r.Body.Close()
+		return r.StatusCode
+	}
+	if code := post(key.Key[:len(key.Key)-1] + "x"); code != http.StatusUnauthorized {
+		t.Fatalf("wrong key: %d", code)
+	}
+	if code := post(key.Key); code != http.StatusOK { // 303 followed to the page
+		t.Fatalf("good key: %d", code)
+	}
+	if code, body := get(); code != 200 || body != "private page" {
+		t.Fatalf("with a session: %d %q", code, body)
+	}
+	if err := c.Admin(http.MethodPost, wire.PathAdminAccessKeyRevoke, wire.IDRequest{ID: key.ID}, nil); err != nil {
+		t.Fatal(err)
+	}
+	meshtest.WaitFor(t, deadline, func() bool { code, _ := get(); return code == http.StatusUnauthorized }, "the revoked key's session to end")
 }

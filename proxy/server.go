@@ -31,9 +31,15 @@ type Options struct {
 	// TLS is the HTTPS server configuration (certificates); nil means no
 	// HTTPS.
 	TLS *tls.Config
+	// ACME, if set, gets certificates from an ACME CA (Let's Encrypt by
+	// default) for the hosts of routed nodes only; it excludes TLS.
+	ACME *ACME
 	// Agent configures the proxy's own mesh membership (its state dir, its
 	// WireGuard port). Its OnNetmap is set by New.
 	Agent node.AgentOptions
+	// Metrics is the listen address of Prometheus metrics (/metrics);
+	// empty disables them. Keep it off the public network.
+	Metrics string
 	// DialTimeout bounds connecting to a node's service; a node that does
 	// not answer in time gets 502. Default 10s.
 	DialTimeout time.Duration
@@ -45,10 +51,12 @@ type Options struct {
 // public WireGuard endpoint that nodes behind NAT keep alive to) plus the
 // HTTP(S) front that routes <name>.<domain> to nodes' services through it.
 type Proxy struct {
-	opts  Options
-	log   *slog.Logger
-	agent *node.Agent
-	table atomic.Pointer[Table]
+	opts    Options
+	log     *slog.Logger
+	agent   *node.Agent
+	table   atomic.Pointer[Table]
+	access  *access
+	metrics *Metrics
 
 	handler *Handler
 	servers []*http.Server
@@ -64,10 +72,18 @@ func New(opts Options) (*Proxy, error) {
 	if opts.Domain == "" || CanonicalHost("x."+opts.Domain) == "" {
 		return nil, fmt.Errorf("proxy: --domain %q is not a DNS name (e.g. mesh.example.com, or localhost for local use)", opts.Domain)
 	}
-	if opts.HTTP == "" && opts.TLS == nil {
+	if opts.ACME != nil {
+		if opts.TLS != nil {
+			return nil, errors.New("proxy: ACME and a TLS certificate exclude each other")
+		}
+		if opts.HTTP == "" {
+			return nil, errors.New("proxy: ACME needs --http (port 80, reachable from the internet) for its http-01 challenges")
+		}
+	}
+	if opts.HTTP == "" && opts.TLS == nil && opts.ACME == nil {
 		return nil, errors.New("proxy: nothing to serve: give --http, or --https with a certificate")
 	}
-	if opts.TLS != nil && opts.HTTPS == "" {
+	if (opts.TLS != nil || opts.ACME != nil) && opts.HTTPS == "" {
 		return nil, errors.New("proxy: a TLS certificate needs an --https address")
 	}
 	if opts.Logger == nil {
@@ -88,10 +104,15 @@ func New(opts Options) (*Proxy, error) {
 	if p.agent, err = node.NewAgent(agentOpts); err != nil {
 		return nil, err
 	}
+	if p.access, err = newAccess(agentOpts.StateDir, p.agent.Client()); err != nil {
+		return nil, err
+	}
+	p.metrics = NewMetrics(p.agent.Status)
 	p.handler, err = NewHandler(HandlerOptions{
+		Observe:     p.metrics.Observe,
 		Table:       p.table.Load,
 		Dial:        p.agent.DialContext,
-		Authorize:   p.authorize,
+		Authorize:   p.access.authorize,
 		Logger:      opts.Logger,
 		DialTimeout: opts.DialTimeout,
 	})
@@ -104,6 +125,9 @@ func New(opts Options) (*Proxy, error) {
 // setNetmap swaps in the route table of a new netmap (the agent calls it
 // after every applied netmap).
 func (p *Proxy) setNetmap(nm *wire.Netmap) {
+	if p.access != nil {
+		p.access.setRevoked(nm.AccessRevoked)
+	}
 	t := BuildTable(nm, p.opts.Domain)
 	p.table.Store(t)
 	if p.handler != nil {
@@ -118,16 +142,6 @@ func (p *Proxy) Table() *Table { return p.table.Load() }
 // Agent returns the proxy's mesh agent.
 func (p *Proxy) Agent() *node.Agent { return p.agent }
 
-// authorize lets public routes through and stops private ones.
-func (p *Proxy) authorize(w http.ResponseWriter, r *http.Request, rt Route) bool {
-	if rt.Public {
-		return true
-	}
-	writePage(w, http.StatusUnauthorized, "Sign-in required",
-		"This service is private. Ask your administrator to make it public or for an access key.")
-	return false
-}
-
 // Start joins the mesh and opens the listeners.
 func (p *Proxy) Start() (err error) {
 	defer func() {
@@ -138,33 +152,48 @@ func (p *Proxy) Start() (err error) {
 	if err := p.agent.Start(); err != nil {
 		return err
 	}
-	if p.opts.TLS != nil {
-		if err := p.listen(p.opts.HTTPS, p.handler, p.opts.TLS); err != nil {
+	tlsConf := p.opts.TLS
+	var acmeHTTP func(http.Handler) http.Handler
+	if p.opts.ACME != nil {
+		m := p.opts.ACME.manager(p.hostPolicy)
+		tlsConf, acmeHTTP = m.TLSConfig(), m.HTTPHandler
+	}
+	if tlsConf != nil {
+		if err := p.listen(p.opts.HTTPS, p.handler, tlsConf, true); err != nil {
 			return err
 		}
 	}
 	if p.opts.HTTP != "" {
 		var h http.Handler = p.handler
-		if p.opts.TLS != nil {
-			h = http.HandlerFunc(redirectToHTTPS(p.opts.HTTPS))
+		if tlsConf != nil {
+			h = http.HandlerFunc(redirectToHTTPS(p.lns[0].Addr().String()))
 		}
-		if err := p.listen(p.opts.HTTP, h, nil); err != nil {
+		if acmeHTTP != nil {
+			h = acmeHTTP(h) // answers http-01 challenges, redirects the rest
+		}
+		if err := p.listen(p.opts.HTTP, h, nil, true); err != nil {
+			return err
+		}
+	}
+	if p.opts.Metrics != "" {
+		mux := http.NewServeMux()
+		mux.Handle("GET /metrics", p.metrics.Handler())
+		if err := p.listen(p.opts.Metrics, mux, nil, false); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-func (p *Proxy) listen(addr string, h http.Handler, tlsConf *tls.Config) error {
+// listen serves h on addr; public listeners count their connections in
+// the metrics.
+func (p *Proxy) listen(addr string, h http.Handler, tlsConf *tls.Config, public bool) error {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		if errors.Is(err, syscall.EACCES) {
 			return fmt.Errorf("proxy: listening on %s needs root or CAP_NET_BIND_SERVICE (ports below 1024); pick another port, e.g. --http :8080: %w", addr, err)
 		}
 		return fmt.Errorf("proxy: listen on %s: %w", addr, err)
-	}
-	if tlsConf != nil {
-		ln = tls.NewListener(ln, tlsConf)
 	}
 	srv := &http.Server{
 		Handler:           h,
@@ -174,12 +203,19 @@ func (p *Proxy) listen(addr string, h http.Handler, tlsConf *tls.Config) error {
 		ErrorLog:          slog.NewLogLogger(p.log.Handler(), slog.LevelDebug),
 		TLSConfig:         tlsConf,
 	}
+	if public {
+		srv.ConnState = p.metrics.TrackConn
+	}
 	p.servers = append(p.servers, srv)
 	p.lns = append(p.lns, ln)
 	p.wg.Add(1)
 	go func() {
 		defer p.wg.Done()
-		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		serve := func() error { return srv.Serve(ln) }
+		if tlsConf != nil {
+			serve = func() error { return srv.ServeTLS(ln, "", "") } // negotiates HTTP/2
+		}
+		if err := serve(); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			p.log.Error("proxy listener stopped", "addr", addr, "err", err)
 		}
 	}()
@@ -191,7 +227,8 @@ func (p *Proxy) listen(addr string, h http.Handler, tlsConf *tls.Config) error {
 	return nil
 }
 
-// Addrs returns the listeners' addresses: HTTPS first when on.
+// Addrs returns the listeners' addresses: HTTPS first when on, then
+// HTTP, then metrics.
 func (p *Proxy) Addrs() []net.Addr {
 	out := make([]net.Addr, 0, len(p.lns))
 	for _, ln := range p.lns {

@@ -30,6 +30,14 @@ const (
 	PathAdminAudit       = "/api/v1/admin/audit"         // GET ?limit=N
 	PathAdminKeys        = "/api/v1/admin/admin-keys"    // GET list, POST create
 	PathAdminKeyRevoke   = "/api/v1/admin/admin-keys/revoke"
+
+	PathAdminAccessKeys      = "/api/v1/admin/access-keys"         // GET list, POST create
+	PathAdminAccessKeyRevoke = "/api/v1/admin/access-keys/revoke"  // POST {id}
+	PathAdminVisibility      = "/api/v1/admin/services/visibility" // POST VisibilityRequest
+
+	// PathAccessCheck is for proxies (mTLS, role proxy only): verify an
+	// access key a browser presented for a route.
+	PathAccessCheck = "/api/v1/proxy/access-check"
 )
 
 // Error is the body of every non-2xx API response.

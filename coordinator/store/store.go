@@ -54,6 +54,12 @@ type Node struct {
 	Created      time.Time
 	LastSeen     time.Time // zero = never
 	RevokedAt    time.Time // zero = not revoked
+	// Visibility holds an admin's overrides of whether the node's services
+	// are public, by service name (true = public, false = private). An
+	// override wins over what the node reports; overrides for services the
+	// node does not publish are kept and take effect when it does. Never
+	// nil in what a Store returns.
+	Visibility map[string]bool
 }
 
 // Revoked reports whether the node has been revoked.
@@ -67,6 +73,23 @@ type AdminKey struct {
 	Expires    time.Time // zero = never
 	RevokedAt  time.Time
 	CreatedBy  string
+}
+
+// AccessKey is a key that lets a browser through the proxy to private
+// services. Only the SHA-256 hash of its secret is kept.
+type AccessKey struct {
+	ID         string
+	SecretHash [32]byte
+	// Node is the id of the node whose services the key opens; empty means
+	// every node.
+	Node string
+	// Service is the name of the service the key opens; empty means every
+	// service (of Node, or of every node).
+	Service   string
+	Created   time.Time
+	Expires   time.Time // required: access keys always expire
+	RevokedAt time.Time // zero = not revoked
+	CreatedBy string
 }
 
 // AuditEntry is one row of the append-only audit log.
@@ -125,7 +148,8 @@ type Store interface {
 	ListNodes(ctx context.Context) ([]Node, error)
 	// RevokeNode revokes the active node with this name (or id), durably,
 	// with an audit row in the same transaction. ErrNotFound if no active
-	// node matches.
+	// node matches; ErrAmbiguous if the string is one active node's name
+	// and another's id.
 	RevokeNode(ctx context.Context, nameOrID string, now time.Time, actor string) (Node, error)
 	// RenameNode renames an active node. ErrNotFound, ErrNameTaken.
 	RenameNode(ctx context.Context, nameOrID, newName string, now time.Time, actor string) (Node, error)
@@ -140,6 +164,26 @@ type Store interface {
 	GetAdminKey(ctx context.Context, id string) (AdminKey, error)
 	ListAdminKeys(ctx context.Context) ([]AdminKey, error)
 	RevokeAdminKey(ctx context.Context, id string, now time.Time, actor string) error
+
+	// Access keys. Creation and revocation write "accesskey.create" and
+	// "accesskey.revoke" audit rows in the same transaction.
+	CreateAccessKey(ctx context.Context, k AccessKey, actor string) error
+	// GetAccessKey returns the key with this id, revoked or expired or
+	// not; ErrNotFound if unknown.
+	GetAccessKey(ctx context.Context, id string) (AccessKey, error)
+	// ListAccessKeys returns all access keys, oldest first.
+	ListAccessKeys(ctx context.Context) ([]AccessKey, error)
+	// RevokeAccessKey marks a key revoked, durably; ErrNotFound if unknown.
+	// Revoking a revoked key changes nothing and succeeds.
+	RevokeAccessKey(ctx context.Context, id string, now time.Time, actor string) error
+
+	// SetServiceVisibility records whether service on the active node with
+	// this name (or id) is public, overriding what the node reports, with a
+	// "service.visibility" audit row (detail "service=… public=…") in the
+	// same transaction, and returns the updated node. The service need not
+	// be published (yet). ErrNotFound if no active node matches,
+	// ErrAmbiguous as for RevokeNode.
+	SetServiceVisibility(ctx context.Context, nodeNameOrID, service string, public bool, now time.Time, actor string) (Node, error)
 
 	// Audit log. Store methods that take an actor write their own rows;
 	// Audit appends others (e.g. refused attempts worth keeping).

@@ -194,10 +194,16 @@ func exists(ctx context.Context, tx *sql.Tx, query string, args ...any) (bool, e
 	return err == nil, err
 }
 
+type querier interface {
+	QueryContext(context.Context, string, ...any) (*sql.Rows, error)
+}
+
 type queryRower interface {
+	querier
 	QueryRowContext(context.Context, string, ...any) *sql.Row
 }
 
+// getNode returns the node with this id with its visibility overrides.
 func getNode(ctx context.Context, q queryRower, id string) (store.Node, error) {
 	n, err := scanNode(q.QueryRowContext(ctx, `SELECT `+nodeCols+` FROM nodes WHERE id = ?`, id))
 	if errors.Is(err, sql.ErrNoRows) {
@@ -206,17 +212,42 @@ func getNode(ctx context.Context, q queryRower, id string) (store.Node, error) {
 	if err != nil {
 		return n, fmt.Errorf("get node %s: %w", id, err)
 	}
+	if n.Visibility, err = nodeVisibility(ctx, q, id); err != nil {
+		return n, fmt.Errorf("get node %s: %w", id, err)
+	}
 	return n, nil
 }
 
 // GetNode returns the node with this id, revoked or not.
 func (s *Store) GetNode(ctx context.Context, id string) (store.Node, error) {
-	return getNode(ctx, s.reader, id)
+	var n store.Node
+	err := s.read(ctx, func(tx *sql.Tx) error {
+		var err error
+		n, err = getNode(ctx, tx, id)
+		return err
+	})
+	return n, err
 }
 
 // ListNodes returns all nodes, revoked ones included, in creation order.
 func (s *Store) ListNodes(ctx context.Context) ([]store.Node, error) {
-	l, err := queryAll(ctx, s.reader, scanNode, `SELECT `+nodeCols+` FROM nodes ORDER BY created, rowid`)
+	var l []store.Node
+	err := s.read(ctx, func(tx *sql.Tx) error {
+		var err error
+		if l, err = queryAll(ctx, tx, scanNode, `SELECT `+nodeCols+` FROM nodes ORDER BY created, rowid`); err != nil {
+			return err
+		}
+		vis, err := allVisibility(ctx, tx)
+		if err != nil {
+			return err
+		}
+		for i := range l {
+			if l[i].Visibility = vis[l[i].ID]; l[i].Visibility == nil {
+				l[i].Visibility = map[string]bool{}
+			}
+		}
+		return nil
+	})
 	if err != nil {
 		return nil, fmt.Errorf("list nodes: %w", err)
 	}
@@ -238,7 +269,11 @@ func findActive(ctx context.Context, tx *sql.Tx, nameOrID string) (store.Node, e
 		return store.Node{}, fmt.Errorf("%w: %q is the name of one node and the id of another (%s, %s)",
 			store.ErrAmbiguous, nameOrID, l[0].ID, l[1].ID)
 	}
-	return l[0], nil
+	n := l[0]
+	if n.Visibility, err = nodeVisibility(ctx, tx, n.ID); err != nil {
+		return store.Node{}, fmt.Errorf("find node: %w", err)
+	}
+	return n, nil
 }
 
 // RevokeNode revokes the active node with this name or id.

@@ -295,6 +295,17 @@ func (s *Store) write(ctx context.Context, fn func(*sql.Tx) error) (err error) {
 	return nil
 }
 
+// read runs fn in one read transaction on the reader pool, so that the
+// queries it makes see one consistent state of the database.
+func (s *Store) read(ctx context.Context, fn func(*sql.Tx) error) error {
+	tx, err := s.reader.BeginTx(ctx, nil)
+	if err != nil {
+		return fmt.Errorf("begin read transaction: %w", err)
+	}
+	defer tx.Rollback() // read-only: nothing to commit
+	return fn(tx)
+}
+
 // isUnique reports whether err is a UNIQUE or PRIMARY KEY violation whose
 // message names one of columns ("table.column").
 func isUnique(err error, columns ...string) bool {

@@ -3,6 +3,7 @@ package storetest
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"sync"
@@ -272,7 +273,7 @@ func nodeEqual(a, b store.Node) bool {
 	return a.ID == b.ID && a.Name == b.Name && a.Role == b.Role && a.IPv4 == b.IPv4 && a.IPv6 == b.IPv6 &&
 		a.WireGuardKey == b.WireGuardKey && slices.Equal(a.Tags, b.Tags) && a.ServicesJSON == b.ServicesJSON &&
 		slices.Equal(a.Endpoints, b.Endpoints) && a.TokenID == b.TokenID && a.Created.Equal(b.Created) &&
-		a.LastSeen.Equal(b.LastSeen) && a.RevokedAt.Equal(b.RevokedAt)
+		a.LastSeen.Equal(b.LastSeen) && a.RevokedAt.Equal(b.RevokedAt) && maps.Equal(a.Visibility, b.Visibility)
 }
 
 func testKeyCollision(t *testing.T, h *harness) {

@@ -73,6 +73,11 @@ func Run(t *testing.T, open OpenFunc) {
 		{"ListAuditLimit", testListAuditLimit},
 		{"Meta", testMeta},
 		{"DurableAcrossReopen", testDurable},
+
+		// Access keys and service visibility.
+		{"AccessKeys", testAccessKeys},
+		{"ServiceVisibility", testServiceVisibility},
+		{"AccessDurableAcrossReopen", testAccessDurable},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
