@@ -27,6 +27,7 @@ import (
 	"github.com/meshctl/meshctl/coordinator/ipam"
 	"github.com/meshctl/meshctl/coordinator/store"
 	"github.com/meshctl/meshctl/coordinator/store/sqlite"
+	"github.com/meshctl/meshctl/internal/ratelimit"
 	"github.com/meshctl/meshctl/pki"
 	"github.com/meshctl/meshctl/wire"
 	"golang.org/x/crypto/ssh"
@@ -104,7 +105,7 @@ type Server struct {
 	tlsCert tls.Certificate
 	ipv6    netip.Prefix
 	state   *netmapState
-	limiter *failLimiter
+	limiter *ratelimit.FailLimiter
 	seen    *seenTracker
 
 	lock      *os.File // flock on the data dir
@@ -228,7 +229,7 @@ func New(opts Options) (s *Server, err error) {
 		return nil, fmt.Errorf("coordinator: load access keys: %w", err)
 	}
 	s.state = newNetmapState(nodes, revokedAccessOf(keys, now), now)
-	s.limiter = newFailLimiter(opts.FailureBurst, 6*time.Second, opts.Now)
+	s.limiter = ratelimit.New(opts.FailureBurst, 6*time.Second, opts.Now)
 	s.seen = newSeenTracker(opts.Store, opts.Now, s.log)
 	return s, nil
 }

@@ -101,6 +101,7 @@ func (a *access) authorize(w http.ResponseWriter, r *http.Request, rt Route) boo
 	if ok {
 		return true
 	}
+	setReason(w, "private: no session")
 	a.signInPage(w, r, http.StatusUnauthorized, "", r.URL.RequestURI())
 	return false
 }
@@ -156,6 +157,7 @@ func stripSessionCookie(r *http.Request) {
 func (a *access) signIn(w http.ResponseWriter, r *http.Request, rt Route) {
 	next := safeNext(r.FormValue("next"))
 	if r.Method == http.MethodGet {
+		setReason(w, "sign-in page")
 		a.signInPage(w, r, http.StatusOK, "", next)
 		return
 	}
@@ -165,18 +167,21 @@ func (a *access) signIn(w http.ResponseWriter, r *http.Request, rt Route) {
 	}
 	if origin := r.Header.Get("Origin"); origin != "" {
 		if u, err := url.Parse(origin); err != nil || CanonicalHost(u.Host) != rt.Host {
+			setReason(w, "sign-in: cross-origin post")
 			writePage(w, http.StatusForbidden, "Forbidden", "Sign in from this site's own page.")
 			return
 		}
 	}
 	src := clientAddr(r)
 	if ok, wait := a.limiter.Allow(src); !ok {
+		setReason(w, "sign-in: rate limited")
 		w.Header().Set("Retry-After", strconv.Itoa(int(wait/time.Second)+1))
 		a.signInPage(w, r, http.StatusTooManyRequests, fmt.Sprintf("Too many failed attempts. Try again in %s.", (wait+time.Second).Truncate(time.Second)), next)
 		return
 	}
 	key := strings.TrimSpace(r.PostFormValue("key"))
 	if key == "" || len(key) > maxKeyLen {
+		setReason(w, "sign-in: key refused")
 		a.limiter.Fail(src)
 		a.signInPage(w, r, http.StatusUnauthorized, "That access key was not accepted.", next)
 		return
@@ -186,10 +191,12 @@ func (a *access) signIn(w http.ResponseWriter, r *http.Request, rt Route) {
 	res, err := a.check.CheckAccessKey(ctx, wire.AccessCheckRequest{Key: key, Node: rt.Node, Service: rt.Service})
 	switch {
 	case wire.IsCode(err, wire.CodeUnauthorized):
+		setReason(w, "sign-in: key refused")
 		a.limiter.Fail(src)
 		a.signInPage(w, r, http.StatusUnauthorized, "That access key was not accepted.", next)
 		return
 	case err != nil:
+		setReason(w, "sign-in: coordinator check failed: "+err.Error())
 		writePage(w, http.StatusServiceUnavailable, "Cannot sign in right now", "The access key cannot be checked at the moment. Try again shortly.")
 		return
 	}
@@ -201,6 +208,7 @@ func (a *access) signIn(w http.ResponseWriter, r *http.Request, rt Route) {
 		Name: sessionCookie, Value: a.mint(rt.Host, res.ID, exp), Path: "/",
 		Expires: exp, HttpOnly: true, Secure: r.TLS != nil, SameSite: http.SameSiteLaxMode,
 	})
+	setReason(w, "signed in with access key "+res.ID)
 	http.Redirect(w, r, next, http.StatusSeeOther)
 }
 

@@ -390,3 +390,11 @@ func (r *recorder) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	}
 	return c, brw, err
 }
+
+// setReason records why a request was answered the way it was, for the
+// access log (hooks such as Authorize call it on the writer they got).
+func setReason(w http.ResponseWriter, reason string) {
+	if rec, ok := w.(*recorder); ok {
+		rec.reason = reason
+	}
+}
