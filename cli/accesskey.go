@@ -102,10 +102,14 @@ func accessKeyCreate(c *cli.Context) error {
 	w := c.App.Writer
 	fmt.Fprintf(w, "Access key %s (opens %s; expires %s, in %s):\n\n  %s\n\n", resp.ID, scopeText(resp.Node, resp.Service),
 		resp.Expires.Local().Format(time.RFC3339), until(resp.Expires, time.Now()), resp.Key)
-	where := "https://NODE.DOMAIN/"
-	if resp.Node != "" {
-		where = "https://" + resp.Node + ".DOMAIN/"
+	domain, node := resp.Domain, resp.Node
+	if domain == "" {
+		domain = "DOMAIN"
 	}
+	if node == "" {
+		node = "NODE"
+	}
+	where := node + "." + domain
 	fmt.Fprintf(w, "To use it, open the private service in a browser (%s, through the proxy)\n", where)
 	fmt.Fprintf(w, "and paste the key on the sign-in page.\n\n")
 	fmt.Fprintf(w, "The key is shown only now; keep it secret. Revoke it with: meshctl access-key revoke %s\n", resp.ID)

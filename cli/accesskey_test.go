@@ -75,7 +75,7 @@ func TestAccessKeyCommandsInProcess(t *testing.T) {
 	}
 
 	o := mustRun(t, "access-key", "create", "--data-dir", dir, "--node", "pi", "--service", "web", "--ttl", "2h")
-	for _, want := range []string{"meshctl-access-", `private service "web" of node pi`, "https://pi.DOMAIN/", "paste the key on the sign-in page", "meshctl access-key revoke"} {
+	for _, want := range []string{"meshctl-access-", `private service "web" of node pi`, "(pi.DOMAIN, through the proxy)", "paste the key on the sign-in page", "meshctl access-key revoke"} {
 		if !strings.Contains(o.stdout, want) {
 			t.Errorf("access-key create output lacks %q:\n%s", want, o)
 		}

@@ -75,7 +75,7 @@ func (s *Server) adminCreateAccessKey(w http.ResponseWriter, r *http.Request, ac
 	}
 	s.log.Info("access key created", "key_id", id, "actor", actor, "node", nodeName, "service", req.Service, "expires", k.Expires)
 	writeJSON(w, http.StatusOK, wire.AccessKeyCreateResponse{
-		Key: secret, ID: id, Node: nodeName, Service: req.Service, Expires: k.Expires.UTC(),
+		Key: secret, ID: id, Node: nodeName, Service: req.Service, Expires: k.Expires.UTC(), Domain: s.opts.Domain,
 	})
 	return nil
 }

@@ -292,6 +292,8 @@ type AccessKeyCreateResponse struct {
 	Node    string    `json:"node,omitempty"`
 	Service string    `json:"service,omitempty"`
 	Expires time.Time `json:"expires"`
+	// Domain is the proxy's domain, when the coordinator knows it.
+	Domain string `json:"domain,omitempty"`
 }
 
 // AccessCheckRequest is a proxy asking whether Key opens Node's Service.
