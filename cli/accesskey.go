@@ -59,7 +59,7 @@ after "meshctl-access-" in the key).
 
 Example: meshctl access-key revoke 0123456789ab`,
 				Flags:  adminFlags(),
-				Action: accessKeyRevoke,
+				Action: revokeByID("access key", wire.PathAdminAccessKeyRevoke, "meshctl access-key list", "; the proxy ends the browser sessions it opened"),
 			},
 		},
 	}
@@ -155,23 +155,4 @@ func accessKeyList(c *cli.Context) error {
 		rows = append(rows, []string{k.ID, node, svc, until(k.Expires, now), status, k.CreatedBy})
 	}
 	return table(c.App.Writer, rows)
-}
-
-func accessKeyRevoke(c *cli.Context) error {
-	args, err := positional(c, "id")
-	if err != nil {
-		return err
-	}
-	ac, err := newAdminClient(c)
-	if err != nil {
-		return err
-	}
-	if err := ac.call(c.Context, "POST", wire.PathAdminAccessKeyRevoke, wire.IDRequest{ID: args[0]}, nil); err != nil {
-		if wire.IsCode(err, wire.CodeNotFound) {
-			return fmt.Errorf("no access key with id %q (see meshctl access-key list)", args[0])
-		}
-		return err
-	}
-	fmt.Fprintf(c.App.Writer, "access key %s revoked; the proxy ends the browser sessions it opened\n", args[0])
-	return nil
 }

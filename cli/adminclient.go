@@ -121,3 +121,27 @@ func (a *adminClient) call(ctx context.Context, method, path string, in, out any
 	}
 	return fmt.Errorf("talk to %s: %w", a.where, err)
 }
+
+// revokeByID is the action of `token revoke`, `admin-key revoke` and
+// `access-key revoke`: POST {id} to path; what names the thing in messages,
+// list the command that lists them, done what happens once it is revoked.
+func revokeByID(what, path, list, done string) cli.ActionFunc {
+	return func(c *cli.Context) error {
+		args, err := positional(c, "id")
+		if err != nil {
+			return err
+		}
+		ac, err := newAdminClient(c)
+		if err != nil {
+			return err
+		}
+		if err := ac.call(c.Context, "POST", path, wire.IDRequest{ID: args[0]}, nil); err != nil {
+			if wire.IsCode(err, wire.CodeNotFound) {
+				return fmt.Errorf("no %s with id %q (see %s)", what, args[0], list)
+			}
+			return err
+		}
+		fmt.Fprintf(c.App.Writer, "%s %s revoked%s\n", what, args[0], done)
+		return nil
+	}
+}

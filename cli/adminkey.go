@@ -87,24 +87,7 @@ Only a hash is stored on the server; the key is shown once, at creation.`,
 				Usage:     "revoke an admin key",
 				ArgsUsage: "ID",
 				Flags:     adminFlags(),
-				Action: func(c *cli.Context) error {
-					args, err := positional(c, "id")
-					if err != nil {
-						return err
-					}
-					ac, err := newAdminClient(c)
-					if err != nil {
-						return err
-					}
-					if err := ac.call(c.Context, "POST", wire.PathAdminKeyRevoke, wire.IDRequest{ID: args[0]}, nil); err != nil {
-						if wire.IsCode(err, wire.CodeNotFound) {
-							return fmt.Errorf("no admin key with id %q (see meshctl admin-key list)", args[0])
-						}
-						return err
-					}
-					fmt.Fprintf(c.App.Writer, "admin key %s revoked\n", args[0])
-					return nil
-				},
+				Action:    revokeByID("admin key", wire.PathAdminKeyRevoke, "meshctl admin-key list", ""),
 			},
 		},
 	}

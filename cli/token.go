@@ -53,7 +53,7 @@ Examples:
 				Usage:     "revoke a token so it can no longer be used",
 				ArgsUsage: "ID",
 				Flags:     adminFlags(),
-				Action:    tokenRevoke,
+				Action:    revokeByID("token", wire.PathAdminTokenRevoke, "meshctl token list", ""),
 			},
 		},
 	}
@@ -134,23 +134,4 @@ func tokenList(c *cli.Context) error {
 		rows = append(rows, []string{t.ID, t.Role, uses, until(t.Expires, now), status, orDash(strings.Join(t.Tags, ","))})
 	}
 	return table(c.App.Writer, rows)
-}
-
-func tokenRevoke(c *cli.Context) error {
-	args, err := positional(c, "id")
-	if err != nil {
-		return err
-	}
-	ac, err := newAdminClient(c)
-	if err != nil {
-		return err
-	}
-	if err := ac.call(c.Context, "POST", wire.PathAdminTokenRevoke, wire.IDRequest{ID: args[0]}, nil); err != nil {
-		if wire.IsCode(err, wire.CodeNotFound) {
-			return fmt.Errorf("no token with id %q (see meshctl token list)", args[0])
-		}
-		return err
-	}
-	fmt.Fprintf(c.App.Writer, "token %s revoked\n", args[0])
-	return nil
 }
