@@ -13,6 +13,7 @@ import (
 	"github.com/meshctl/meshctl/coordinator/store"
 	"github.com/meshctl/meshctl/pki"
 	"github.com/meshctl/meshctl/wire"
+	"golang.org/x/crypto/ssh"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 )
 
@@ -49,6 +50,12 @@ func (s *Server) handleEnroll(w http.ResponseWriter, r *http.Request) error {
 	cert, err := s.ca.SignClientCSR([]byte(req.CSR), nodeID, now, s.opts.CertValidity)
 	if err != nil {
 		return errf(http.StatusBadRequest, wire.CodeBadRequest, "csr: %v", err)
+	}
+	var sshCert string
+	if req.SSHKey != "" {
+		if sshCert, err = s.signSSH(req.SSHKey, req.Name, nodeID, now); err != nil {
+			return err
+		}
 	}
 	wantRole := req.Role
 	if wantRole == "" {
@@ -94,10 +101,12 @@ func (s *Server) handleEnroll(w http.ResponseWriter, r *http.Request) error {
 	s.log.Info("node enrolled", "node", node.Name, "id", node.ID, "ipv4", node.IPv4, "token_id", tokenID, "remote", src)
 	nm, _ := s.state.current().netmapFor(node.ID, &s.opts, s.ipv6)
 	writeJSON(w, http.StatusOK, wire.EnrollResponse{
-		Node:        s.wireNode(&node),
-		Certificate: string(pki.CertPEM(cert)),
-		CA:          string(s.ca.CertPEM()),
-		Netmap:      nm,
+		Node:           s.wireNode(&node),
+		Certificate:    string(pki.CertPEM(cert)),
+		CA:             string(s.ca.CertPEM()),
+		Netmap:         nm,
+		SSHCertificate: sshCert,
+		SSHCA:          s.sshCAKey(sshCert),
 	})
 	return nil
 }
@@ -178,4 +187,22 @@ func (e *roleMismatch) Error() string {
 		return "this token enrolls ordinary nodes, not a proxy (a proxy sees every service): create a proxy token with meshctl token create --role proxy"
 	}
 	return fmt.Sprintf("this token is for role %q; enroll a node with a token from meshctl token create", e.token)
+}
+
+// signSSH certifies a node's SSH key for the SSH fallback: principal = the
+// node's name, as long-lived as its TLS certificate.
+func (s *Server) signSSH(key, name, nodeID string, now time.Time) (string, error) {
+	c, err := pki.SignSSHUserCert(s.sshCA, key, name, "node:"+nodeID, now, s.opts.CertValidity)
+	if err != nil {
+		return "", errf(http.StatusBadRequest, wire.CodeBadRequest, "%v", err)
+	}
+	return c, nil
+}
+
+// sshCAKey is the SSH CA public key to hand out with a certificate.
+func (s *Server) sshCAKey(cert string) string {
+	if cert == "" {
+		return ""
+	}
+	return string(ssh.MarshalAuthorizedKey(s.sshCA.PublicKey()))
 }

@@ -17,6 +17,7 @@ import (
 	"github.com/meshctl/meshctl/node"
 	"github.com/meshctl/meshctl/pki"
 	"github.com/meshctl/meshctl/wire"
+	"golang.org/x/crypto/ssh"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 )
 
@@ -341,5 +342,48 @@ func TestEnrollVerifiesPin(t *testing.T) {
 	// The token never reached the coordinator: it still works.
 	if _, err := c.Enroll(t, "a", tok.Token); err != nil {
 		t.Fatalf("token after a refused pin: %v", err)
+	}
+}
+
+// Enrollment certifies the device's SSH key for the SSH fallback: a user
+// certificate for exactly the node's name, from the coordinator's SSH CA,
+// that permits port forwarding and nothing else.
+func TestEnrollCertifiesSSHKey(t *testing.T) {
+	c := meshtest.NewCoordinator(t)
+	n := c.AddNode(t, "pi1")
+	pub, _, _, _, err := ssh.ParseAuthorizedKey([]byte(n.Enroll.SSHCertificate))
+	if err != nil {
+		t.Fatalf("ssh certificate: %v", err)
+	}
+	cert, ok := pub.(*ssh.Certificate)
+	if !ok {
+		t.Fatalf("not a certificate: %T", pub)
+	}
+	caKey, _, _, _, err := ssh.ParseAuthorizedKey([]byte(n.Enroll.SSHCA))
+	if err != nil {
+		t.Fatal(err)
+	}
+	checker := ssh.CertChecker{IsUserAuthority: func(k ssh.PublicKey) bool { return bytes.Equal(k.Marshal(), caKey.Marshal()) }}
+	if err := checker.CheckCert("pi1", cert); err != nil {
+		t.Fatalf("certificate does not check out for pi1: %v", err)
+	}
+	if err := checker.CheckCert("pi2", cert); err == nil {
+		t.Fatal("certificate valid for another principal")
+	}
+	if cert.CertType != ssh.UserCert || len(cert.Extensions) != 1 || len(cert.CriticalOptions) != 0 {
+		t.Fatalf("certificate type %d extensions %v options %v", cert.CertType, cert.Extensions, cert.CriticalOptions)
+	}
+	if _, ok := cert.Extensions["permit-port-forwarding"]; !ok {
+		t.Fatal("certificate does not permit port forwarding")
+	}
+	if life := time.Duration(cert.ValidBefore-cert.ValidAfter) * time.Second; life > 25*time.Hour {
+		t.Fatalf("ssh certificate lives %s; it should be as short as the TLS one", life)
+	}
+	// A bad SSH key is a clear 400 and no node.
+	tok := c.CreateToken(t, wire.TokenCreateRequest{})
+	req := enrollBody(t, tok.Token, "pi2")
+	req.SSHKey = "ssh-rsa AAAA nope"
+	if code, e, _ := postJSON(t, c, req); code != http.StatusBadRequest || !strings.Contains(e.Message, "ssh key") {
+		t.Fatalf("bad ssh key: %d %+v", code, e)
 	}
 }

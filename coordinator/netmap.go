@@ -156,6 +156,7 @@ func (snap *snapshot) netmapFor(id string, o *Options, ipv6Pool netip.Prefix) (w
 		Peers:         make([]wire.Peer, 0, len(snap.sorted)),
 		ProxyEndpoint: o.WGEndpoint,
 		Domain:        o.Domain,
+		ProxySSH:      o.SSHEndpoint,
 		IPv4Pool:      o.IPv4Pool.String(),
 		IPv6Pool:      ipv6Pool.String(),
 	}

@@ -214,10 +214,22 @@ func (s *Server) handleRenew(w http.ResponseWriter, r *http.Request, id string) 
 	if err := decodeJSON(w, r, &req); err != nil {
 		return err
 	}
-	cert, err := s.ca.SignClientCSR([]byte(req.CSR), id, s.opts.Now(), s.opts.CertValidity)
+	now := s.opts.Now()
+	cert, err := s.ca.SignClientCSR([]byte(req.CSR), id, now, s.opts.CertValidity)
 	if err != nil {
 		return errf(http.StatusBadRequest, wire.CodeBadRequest, "csr: %v", err)
 	}
-	writeJSON(w, http.StatusOK, wire.RenewResponse{Certificate: string(pki.CertPEM(cert)), CA: string(s.ca.CertPEM())})
+	var sshCert string
+	if req.SSHKey != "" {
+		p, ok := s.state.current().byID[id]
+		if !ok {
+			return s.refuseGone(r.Context(), id)
+		}
+		if sshCert, err = s.signSSH(req.SSHKey, p.Name, id, now); err != nil { // the current name: renames follow
+			return err
+		}
+	}
+	writeJSON(w, http.StatusOK, wire.RenewResponse{Certificate: string(pki.CertPEM(cert)), CA: string(s.ca.CertPEM()),
+		SSHCertificate: sshCert, SSHCA: s.sshCAKey(sshCert)})
 	return nil
 }

@@ -81,6 +81,9 @@ type Options struct {
 	// domain, both sent in netmaps. Empty when no proxy runs.
 	WGEndpoint string
 	Domain     string
+	// SSHEndpoint is the proxy's SSH fallback endpoint (host:port) sent in
+	// netmaps; empty when none runs.
+	SSHEndpoint string
 	// WGPort, when WGEndpoint is empty, makes the endpoint PublicHost:WGPort
 	// (the all-in-one server's proxy).
 	WGPort int

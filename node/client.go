@@ -12,6 +12,7 @@ import (
 
 	"github.com/meshctl/meshctl/pki"
 	"github.com/meshctl/meshctl/wire"
+	"golang.org/x/crypto/ssh"
 )
 
 // ErrRevoked is returned when the coordinator says this node was revoked.
@@ -120,8 +121,16 @@ func (c *Client) RenewIfDue(ctx context.Context, now time.Time, force bool) (boo
 	if err != nil {
 		return false, err
 	}
+	req := wire.RenewRequest{CSR: string(csr)}
+	if st.SSHKey != "" {
+		signer, err := ssh.ParsePrivateKey([]byte(st.SSHKey))
+		if err != nil {
+			return false, fmt.Errorf("ssh key: %w", err)
+		}
+		req.SSHKey = string(ssh.MarshalAuthorizedKey(signer.PublicKey()))
+	}
 	var resp wire.RenewResponse
-	if err := c.call(ctx, http.MethodPost, wire.PathRenew, wire.RenewRequest{CSR: string(csr)}, &resp); err != nil {
+	if err := c.call(ctx, http.MethodPost, wire.PathRenew, req, &resp); err != nil {
 		return false, fmt.Errorf("renew certificate: %w", err)
 	}
 	keyPEM, err := pki.MarshalKeyPEM(key)
@@ -130,8 +139,14 @@ func (c *Client) RenewIfDue(ctx context.Context, now time.Time, force bool) (boo
 	}
 	next := *st
 	next.Certificate, next.TLSKey = resp.Certificate, string(keyPEM)
-	if err := next.Save(c.dir); err != nil { // validates that cert and key match
+	if resp.SSHCertificate != "" {
+		next.SSHCertificate, next.SSHCA = resp.SSHCertificate, resp.SSHCA
+	}
+	if err := next.Save(c.dir); err != nil { // validates that certs and keys match
 		return false, fmt.Errorf("save renewed certificate: %w", err)
+	}
+	if err := next.writeSSHFiles(c.dir); err != nil {
+		return false, fmt.Errorf("save renewed SSH certificate: %w", err)
 	}
 	c.mu.Lock()
 	c.state = &next

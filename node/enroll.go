@@ -2,8 +2,11 @@ package node
 
 import (
 	"context"
+	"crypto/ed25519"
+	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"net"
@@ -17,6 +20,7 @@ import (
 
 	"github.com/meshctl/meshctl/pki"
 	"github.com/meshctl/meshctl/wire"
+	"golang.org/x/crypto/ssh"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 )
 
@@ -99,9 +103,14 @@ func Enroll(ctx context.Context, o EnrollOptions) (*State, *wire.EnrollResponse,
 	if err != nil {
 		return nil, nil, err
 	}
+	sshPriv, sshPub, err := newSSHKey(o.Name)
+	if err != nil {
+		return nil, nil, err
+	}
 	var resp wire.EnrollResponse
 	err = wire.Call(ctx, hc, http.MethodPost, base+wire.PathEnroll, nil, wire.EnrollRequest{
 		Token: strings.TrimSpace(o.Token), Name: o.Name, WireGuardKey: wgKey.PublicKey().String(), CSR: string(csr), Role: o.Role,
+		SSHKey: sshPub,
 	}, &resp)
 	if err != nil {
 		var ue *url.Error
@@ -125,6 +134,7 @@ func Enroll(ctx context.Context, o EnrollOptions) (*State, *wire.EnrollResponse,
 		Format: stateFormat, NodeID: resp.Node.ID, Name: resp.Node.Name, Role: resp.Node.Role, Coordinator: base,
 		CAPin: pki.Pin(ca), CA: resp.CA, Certificate: resp.Certificate, TLSKey: string(keyPEM),
 		WireGuard: wgKey.String(), IPv4: resp.Node.IPv4, IPv6: resp.Node.IPv6, Enrolled: time.Now().UTC(),
+		SSHKey: sshPriv, SSHCertificate: resp.SSHCertificate, SSHCA: resp.SSHCA,
 	}
 	if err := st.validate(); err != nil {
 		return nil, nil, fmt.Errorf("coordinator's answer is unusable: %w", err)
@@ -136,6 +146,9 @@ func Enroll(ctx context.Context, o EnrollOptions) (*State, *wire.EnrollResponse,
 		return nil, nil, err
 	}
 	if err := st.Save(o.StateDir); err != nil {
+		return nil, nil, err
+	}
+	if err := st.writeSSHFiles(o.StateDir); err != nil {
 		return nil, nil, err
 	}
 	return st, &resp, nil
@@ -202,4 +215,22 @@ func checkCreatable(dir string) error {
 			return fmt.Errorf("state dir %s: %w", dir, err)
 		}
 	}
+}
+
+// newSSHKey makes the device's SSH key for the SSH fallback: the private
+// key in OpenSSH PEM and the public key as an authorized_keys line.
+func newSSHKey(comment string) (priv, pub string, err error) {
+	pk, sk, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		return "", "", err
+	}
+	block, err := ssh.MarshalPrivateKey(sk, "meshctl "+comment)
+	if err != nil {
+		return "", "", err
+	}
+	sshPub, err := ssh.NewPublicKey(pk)
+	if err != nil {
+		return "", "", err
+	}
+	return string(pem.EncodeToMemory(block)), string(ssh.MarshalAuthorizedKey(sshPub)), nil
 }

@@ -7,11 +7,13 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/meshctl/meshctl/internal/meshtest"
 	"github.com/meshctl/meshctl/node"
 	"github.com/meshctl/meshctl/pki"
 	"github.com/meshctl/meshctl/wire"
+	"golang.org/x/crypto/ssh"
 )
 
 func TestParseCoordinatorURL(t *testing.T) {
@@ -125,5 +127,37 @@ func TestMissingPinRefusedForPrivateCA(t *testing.T) {
 	}
 	if _, err := node.LoadState(dir); !errors.Is(err, node.ErrNotEnrolled) {
 		t.Fatalf("a refused enrollment left state behind: %v", err)
+	}
+}
+
+func TestSSHIdentityFiles(t *testing.T) {
+	c := meshtest.NewCoordinator(t)
+	n := c.AddNode(t, "a")
+	for _, f := range []string{"id_ed25519", "id_ed25519-cert.pub", "ssh_ca.pub"} {
+		st, err := os.Stat(filepath.Join(n.Dir, node.SSHDir, f))
+		if err != nil || st.Mode().Perm() != 0o600 {
+			t.Fatalf("%s: %v mode %v", f, err, st)
+		}
+	}
+	key, _ := os.ReadFile(filepath.Join(n.Dir, node.SSHDir, "id_ed25519"))
+	signer, err := ssh.ParsePrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	certText, _ := os.ReadFile(filepath.Join(n.Dir, node.SSHDir, "id_ed25519-cert.pub"))
+	pub, _, _, _, err := ssh.ParseAuthorizedKey(certText)
+	if err != nil || string(pub.(*ssh.Certificate).Key.Marshal()) != string(signer.PublicKey().Marshal()) {
+		t.Fatalf("the certificate file does not certify the key file: %v", err)
+	}
+	// Renewal renews the SSH certificate with the TLS one.
+	before := pub.(*ssh.Certificate).ValidBefore
+	c.Clock.Advance(time.Hour)
+	if _, err := n.Client.RenewIfDue(context.Background(), c.Clock.Now(), true); err != nil {
+		t.Fatal(err)
+	}
+	certText, _ = os.ReadFile(filepath.Join(n.Dir, node.SSHDir, "id_ed25519-cert.pub"))
+	pub, _, _, _, _ = ssh.ParseAuthorizedKey(certText)
+	if pub.(*ssh.Certificate).ValidBefore <= before {
+		t.Fatal("SSH certificate not renewed with the TLS certificate")
 	}
 }

@@ -16,6 +16,7 @@ import (
 
 	"github.com/meshctl/meshctl/pki"
 	"github.com/meshctl/meshctl/wire"
+	"golang.org/x/crypto/ssh"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 )
 
@@ -51,6 +52,13 @@ type State struct {
 	IPv4        string    `json:"ipv4"`
 	IPv6        string    `json:"ipv6"`
 	Enrolled    time.Time `json:"enrolled"`
+	// SSH fallback identity: the device's SSH key (OpenSSH PEM, secret),
+	// its certificate from the coordinator's SSH CA and that CA's public
+	// key (authorized_keys format). Empty for identities enrolled before
+	// the SSH fallback existed.
+	SSHKey         string `json:"ssh_key,omitempty"`
+	SSHCertificate string `json:"ssh_certificate,omitempty"`
+	SSHCA          string `json:"ssh_ca,omitempty"`
 
 	// Parsed forms, filled by LoadState / validate.
 	caCert  *x509.Certificate
@@ -119,7 +127,44 @@ func (s *State) validate() error {
 	if s.wgKey, err = wgtypes.ParseKey(s.WireGuard); err != nil {
 		return fmt.Errorf("wireguard_private_key: %w", err)
 	}
+	if s.SSHKey != "" {
+		signer, err := ssh.ParsePrivateKey([]byte(s.SSHKey))
+		if err != nil {
+			return fmt.Errorf("ssh_key: %w", err)
+		}
+		if s.SSHCertificate != "" {
+			pub, _, _, _, err := ssh.ParseAuthorizedKey([]byte(s.SSHCertificate))
+			cert, ok := pub.(*ssh.Certificate)
+			if err != nil || !ok || string(cert.Key.Marshal()) != string(signer.PublicKey().Marshal()) {
+				return errors.New("ssh_certificate does not certify ssh_key")
+			}
+		}
+	}
 	return nil
+}
+
+// SSHDir is where the SSH fallback files live inside a state dir: the key
+// and certificate as stock OpenSSH reads them (meshctl ssh-config).
+const SSHDir = "ssh"
+
+// writeSSHFiles puts the SSH key and certificate where `ssh -i` and
+// CertificateFile read them: DIR/ssh/id_ed25519 (0600) and
+// id_ed25519-cert.pub. Nothing happens for identities without SSH.
+func (s *State) writeSSHFiles(dir string) error {
+	if s.SSHKey == "" || s.SSHCertificate == "" {
+		return nil
+	}
+	d := filepath.Join(dir, SSHDir)
+	if err := pki.EnsurePrivateDir(d); err != nil {
+		return err
+	}
+	if err := pki.WriteFileAtomic(filepath.Join(d, "id_ed25519"), []byte(s.SSHKey), 0o600); err != nil {
+		return err
+	}
+	if err := pki.WriteFileAtomic(filepath.Join(d, "id_ed25519-cert.pub"), []byte(s.SSHCertificate), 0o600); err != nil {
+		return err
+	}
+	return pki.WriteFileAtomic(filepath.Join(d, "ssh_ca.pub"), []byte(s.SSHCA), 0o600)
 }
 
 func matches(c *x509.Certificate, key crypto.Signer) bool {

@@ -82,6 +82,9 @@ type EnrollRequest struct {
 	WireGuardKey string `json:"wireguard_key"`
 	// CSR is a PEM certificate request for the node's mTLS key.
 	CSR string `json:"csr"`
+	// SSHKey is the device's SSH public key (authorized_keys format), for
+	// the SSH fallback; the coordinator certifies it. Optional.
+	SSHKey string `json:"ssh_key,omitempty"`
 	// Role is the role the device expects the token to grant ("" means
 	// node). A mismatch is refused before the token is used, so that a
 	// proxy is never enrolled with a node token or the other way round.
@@ -94,17 +97,25 @@ type EnrollResponse struct {
 	Certificate string `json:"certificate"` // PEM client certificate
 	CA          string `json:"ca"`          // PEM CA certificate
 	Netmap      Netmap `json:"netmap"`
+	// SSHCertificate certifies the device's SSH key (principal = node
+	// name), and SSHCA is the coordinator's SSH CA public key, both in
+	// authorized_keys format; empty when no SSH key was sent.
+	SSHCertificate string `json:"ssh_certificate,omitempty"`
+	SSHCA          string `json:"ssh_ca,omitempty"`
 }
 
 // RenewRequest asks for a fresh client certificate (over mTLS).
 type RenewRequest struct {
-	CSR string `json:"csr"`
+	CSR    string `json:"csr"`
+	SSHKey string `json:"ssh_key,omitempty"` // renew the SSH certificate too
 }
 
 // RenewResponse carries the new certificate.
 type RenewResponse struct {
-	Certificate string `json:"certificate"`
-	CA          string `json:"ca"`
+	Certificate    string `json:"certificate"`
+	CA             string `json:"ca"`
+	SSHCertificate string `json:"ssh_certificate,omitempty"`
+	SSHCA          string `json:"ssh_ca,omitempty"`
 }
 
 // Node is a node as the coordinator knows it.
@@ -157,6 +168,9 @@ type Netmap struct {
 	ProxyEndpoint string `json:"proxy_endpoint,omitempty"`
 	// Domain is the proxy's domain (<name>.<domain>), empty without a proxy.
 	Domain string `json:"domain,omitempty"`
+	// ProxySSH is the proxy's SSH fallback endpoint (host:port), empty when
+	// none runs.
+	ProxySSH string `json:"proxy_ssh,omitempty"`
 	// AccessRevoked lists the ids of access keys that were revoked before
 	// they expired; only proxies' netmaps carry it, and a proxy ends the
 	// sessions they opened at once.
