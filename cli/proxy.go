@@ -105,7 +105,7 @@ func runProxyServe(c *cli.Context) error {
 	} else if err != nil {
 		return err
 	}
-	px, err := startProxy(c, dir, "", nil, log)
+	px, err := startProxy(c, dir, "", nil, nil, log)
 	if err != nil {
 		return err
 	}
@@ -117,7 +117,7 @@ func runProxyServe(c *cli.Context) error {
 // coordinator overrides the saved coordinator URL when set.
 // localTLS, when set, is a certificate from the coordinator CA
 // (all-in-one server with --tls-local).
-func startProxy(c *cli.Context, dir, coordinator string, localTLS *tls.Config, log *slog.Logger) (*proxy.Proxy, error) {
+func startProxy(c *cli.Context, dir, coordinator string, localTLS *tls.Config, sshOpts *proxy.SSHOptions, log *slog.Logger) (*proxy.Proxy, error) {
 	port, err := udpPort(c.String("wg-listen"))
 	if err != nil {
 		return nil, err
@@ -144,6 +144,7 @@ func startProxy(c *cli.Context, dir, coordinator string, localTLS *tls.Config, l
 		HTTPS:   c.String("https"),
 		TLS:     tlsConf,
 		ACME:    acme,
+		SSH:     sshOpts,
 		Metrics: c.String("metrics"),
 		Agent:   node.AgentOptions{StateDir: dir, ListenPort: port, Coordinator: coordinator},
 		Logger:  log,
@@ -159,6 +160,9 @@ func startProxy(c *cli.Context, dir, coordinator string, localTLS *tls.Config, l
 		fmt.Fprintf(w, "  proxy:        %s → http://NODE.%s%s/\n", a, c.String("domain"), portSuffix(a))
 	}
 	fmt.Fprintf(w, "  WireGuard:    UDP %d (nodes behind NAT keep alive to it)\n", port)
+	if a := px.SSHAddr(); a != nil {
+		fmt.Fprintf(w, "  SSH fallback: %s (for nodes whose UDP is blocked)\n", a)
+	}
 	return px, nil
 }
 

@@ -18,6 +18,7 @@ import (
 	"github.com/meshctl/meshctl/proxy"
 	"github.com/meshctl/meshctl/wire"
 	"github.com/urfave/cli/v2"
+	"golang.org/x/crypto/ssh"
 )
 
 func serverCommand() *cli.Command {
@@ -47,6 +48,7 @@ Example (local, no root):
 			&cli.StringFlag{Name: "cidr", Value: coordinator.DefaultIPv4Pool.String(), EnvVars: env("cidr"), Usage: "IPv4 pool for overlay addresses"},
 			&cli.DurationFlag{Name: "quarantine", Value: coordinator.DefaultQuarantine, EnvVars: env("quarantine"), Usage: "how long a revoked node's addresses are held back before reuse"},
 			&cli.DurationFlag{Name: "cert-ttl", Value: coordinator.DefaultCertValidity, EnvVars: env("cert-ttl"), Usage: "lifetime of node client certificates (nodes renew them automatically)"},
+			&cli.StringFlag{Name: "ssh-listen", Value: ":2222", EnvVars: env("ssh-listen"), Usage: "SSH reverse-tunnel fallback for nodes whose UDP is blocked (\"\" = off)"},
 			&cli.BoolFlag{Name: "tls-local", EnvVars: env("tls-local"), Usage: "serve --https with a certificate for *.DOMAIN from this server's own CA (for local use; install DATA_DIR/ca.crt in browsers)"},
 			&cli.StringFlag{Name: "wg-endpoint", EnvVars: env("wg-endpoint"), Usage: "the proxy's WireGuard endpoint as nodes reach it, HOST:PORT (default: --public-host with the --wg-listen port)"},
 		}, append(proxyFlags(), logFlags()...)...),
@@ -90,6 +92,13 @@ func runServer(c *cli.Context) error {
 			wgEndpoint = net.JoinHostPort(host, strconv.Itoa(wgPort))
 		}
 	}
+	sshPort := 0
+	if l := c.String("ssh-listen"); l != "" {
+		_, port, err := net.SplitHostPort(l)
+		if sshPort, _ = strconv.Atoi(port); err != nil || sshPort <= 0 || sshPort > 65535 {
+			return usageError("--ssh-listen %q must be [HOST]:PORT with a fixed port, e.g. :2222", l)
+		}
+	}
 	srv, err := coordinator.New(coordinator.Options{
 		DataDir:      dir,
 		Listen:       c.String("listen"),
@@ -98,6 +107,7 @@ func runServer(c *cli.Context) error {
 		Quarantine:   c.Duration("quarantine"),
 		CertValidity: c.Duration("cert-ttl"),
 		WGEndpoint:   wgEndpoint,
+		SSHPort:      sshPort,
 		WGPort:       wgPort,
 		Domain:       c.String("domain"),
 		Version:      version(),
@@ -151,6 +161,7 @@ func startEmbeddedProxy(c *cli.Context, srv *coordinator.Server, log *slog.Logge
 		return nil, fmt.Errorf("embedded proxy: %w", err)
 	}
 	var localTLS *tls.Config
+	var err error
 	if c.Bool("tls-local") {
 		domain := strings.ToLower(c.String("domain"))
 		cert, err := srv.CA().IssueServerCert([]string{"*." + domain, domain}, time.Now(), 90*24*time.Hour)
@@ -161,7 +172,36 @@ func startEmbeddedProxy(c *cli.Context, srv *coordinator.Server, log *slog.Logge
 		fmt.Fprintf(c.App.Writer, "  HTTPS:        *.%s with a certificate from this server's CA (%s); browsers must trust that CA\n",
 			domain, filepath.Join(c.String("data-dir"), pki.CACertFile))
 	}
-	return startProxy(c, dir, local, localTLS, log)
+	var sshOpts *proxy.SSHOptions
+	if l := c.String("ssh-listen"); l != "" {
+		if sshOpts, err = embeddedSSH(c, srv, dir, l); err != nil {
+			return nil, err
+		}
+	}
+	return startProxy(c, dir, local, localTLS, sshOpts, log)
+}
+
+// embeddedSSH prepares the SSH fallback of the all-in-one server: a host key
+// kept in the proxy's state dir, certified at every start by the server's
+// SSH CA for the names nodes connect to.
+func embeddedSSH(c *cli.Context, srv *coordinator.Server, dir, listen string) (*proxy.SSHOptions, error) {
+	hostKey, err := pki.LoadOrCreateSSHKey(filepath.Join(dir, "ssh_host_ed25519_key"))
+	if err != nil {
+		return nil, fmt.Errorf("SSH host key: %w", err)
+	}
+	principals := []string{"localhost", "127.0.0.1", "::1", strings.ToLower(c.String("domain"))}
+	if h := hostOf(srv.URL()[len("https://"):]); h != "" {
+		principals = append(principals, h)
+	}
+	cert, err := pki.SignSSHHostCert(srv.SSHCA(), hostKey.PublicKey(), principals, time.Now(), 365*24*time.Hour)
+	if err != nil {
+		return nil, err
+	}
+	signer, err := ssh.NewCertSigner(cert, hostKey)
+	if err != nil {
+		return nil, err
+	}
+	return &proxy.SSHOptions{Listen: listen, HostSigner: signer, UserCA: srv.SSHCA().PublicKey()}, nil
 }
 
 func hostOf(hostport string) string {

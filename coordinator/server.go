@@ -84,6 +84,8 @@ type Options struct {
 	// SSHEndpoint is the proxy's SSH fallback endpoint (host:port) sent in
 	// netmaps; empty when none runs.
 	SSHEndpoint string
+	// SSHPort, when SSHEndpoint is empty, makes it PublicHost:SSHPort.
+	SSHPort int
 	// WGPort, when WGEndpoint is empty, makes the endpoint PublicHost:WGPort
 	// (the all-in-one server's proxy).
 	WGPort int
@@ -163,6 +165,9 @@ func New(opts Options) (s *Server, err error) {
 	}
 	if opts.WGEndpoint == "" && opts.WGPort != 0 {
 		opts.WGEndpoint = net.JoinHostPort(hostOnly(opts.PublicHost), strconv.Itoa(opts.WGPort))
+	}
+	if opts.SSHEndpoint == "" && opts.SSHPort != 0 {
+		opts.SSHEndpoint = net.JoinHostPort(hostOnly(opts.PublicHost), strconv.Itoa(opts.SSHPort))
 	}
 	if opts.WGEndpoint != "" {
 		ep, err := resolveEndpoint(opts.WGEndpoint)
@@ -333,6 +338,10 @@ func (s *Server) LocalURL() string {
 
 // CAPin is the pin nodes verify the coordinator by.
 func (s *Server) CAPin() string { return s.ca.Pin() }
+
+// SSHCA returns the coordinator's SSH CA (the all-in-one server certifies
+// its proxy's SSH host key with it).
+func (s *Server) SSHCA() ssh.Signer { return s.sshCA }
 
 // CA returns the coordinator's CA (the proxy uses it to issue local TLS
 // certificates in all-in-one mode).

@@ -25,32 +25,9 @@ const (
 // start. The SSH reverse-tunnel fallback uses it to certify host and node
 // keys.
 func LoadOrCreateSSHCA(dir string) (ssh.Signer, error) {
-	keyPath := filepath.Join(dir, SSHCAKeyFile)
-	b, err := ReadPrivateFile(keyPath)
-	if err == nil {
-		s, err := ssh.ParsePrivateKey(b)
-		if err != nil {
-			return nil, fmt.Errorf("%s: %w", keyPath, err)
-		}
-		return s, nil
-	}
-	if !errors.Is(err, fs.ErrNotExist) {
+	signer, err := LoadOrCreateSSHKey(filepath.Join(dir, SSHCAKeyFile))
+	if err != nil {
 		return nil, fmt.Errorf("SSH CA key: %w", err)
-	}
-	_, priv, err := ed25519.GenerateKey(rand.Reader)
-	if err != nil {
-		return nil, err
-	}
-	block, err := ssh.MarshalPrivateKey(priv, "meshctl SSH CA")
-	if err != nil {
-		return nil, err
-	}
-	signer, err := ssh.NewSignerFromKey(priv)
-	if err != nil {
-		return nil, err
-	}
-	if err := WriteFileAtomic(keyPath, pemEncode(block), 0o600); err != nil {
-		return nil, err
 	}
 	pub := ssh.MarshalAuthorizedKey(signer.PublicKey())
 	if err := WriteFileAtomic(filepath.Join(dir, SSHCAPubFile), pub, 0o600); err != nil {
@@ -112,4 +89,28 @@ func SignSSHHostCert(ca ssh.Signer, host ssh.PublicKey, principals []string, now
 		return nil, fmt.Errorf("sign ssh host certificate: %w", err)
 	}
 	return cert, nil
+}
+
+// LoadOrCreateSSHKey loads an Ed25519 SSH private key (OpenSSH format,
+// 0600) from path, creating it on first use: a host key, for instance.
+func LoadOrCreateSSHKey(path string) (ssh.Signer, error) {
+	b, err := ReadPrivateFile(path)
+	if err == nil {
+		return ssh.ParsePrivateKey(b)
+	}
+	if !errors.Is(err, fs.ErrNotExist) {
+		return nil, err
+	}
+	_, priv, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		return nil, err
+	}
+	block, err := ssh.MarshalPrivateKey(priv, "meshctl")
+	if err != nil {
+		return nil, err
+	}
+	if err := WriteFileAtomic(path, pemEncode(block), 0o600); err != nil {
+		return nil, err
+	}
+	return ssh.NewSignerFromKey(priv)
 }

@@ -35,6 +35,7 @@ type Table struct {
 	byHost map[string]Route
 	routes []Route                   // sorted by Host
 	addrs  map[netip.AddrPort]string // dialable address -> node ID
+	byAddr map[netip.AddrPort]Route  // dialable address -> its (service) route
 }
 
 // BuildTable builds the route table for a netmap. For every peer with role
@@ -45,7 +46,7 @@ type Table struct {
 // peers claim the same name (which the coordinator prevents), the first one
 // in the netmap wins. An invalid domain yields an empty table.
 func BuildTable(nm *wire.Netmap, domain string) *Table {
-	t := &Table{byHost: map[string]Route{}, addrs: map[netip.AddrPort]string{}}
+	t := &Table{byHost: map[string]Route{}, addrs: map[netip.AddrPort]string{}, byAddr: map[netip.AddrPort]Route{}}
 	domain = normalizeDomain(domain)
 	if nm == nil || domain == "" {
 		return t
@@ -94,6 +95,18 @@ func (t *Table) add(rt Route) {
 	t.byHost[rt.Host] = rt
 	t.routes = append(t.routes, rt)
 	t.addrs[rt.Addr] = rt.NodeID
+	if _, ok := t.byAddr[rt.Addr]; !ok {
+		t.byAddr[rt.Addr] = rt
+	}
+}
+
+// RouteFor returns the route that leads to a dialable address.
+func (t *Table) RouteFor(addr netip.AddrPort) (Route, bool) {
+	if t == nil {
+		return Route{}, false
+	}
+	rt, ok := t.byAddr[addr]
+	return rt, ok
 }
 
 // Lookup finds the route for a host as sent by a client (the Host header);

@@ -31,6 +31,9 @@ type Options struct {
 	// TLS is the HTTPS server configuration (certificates); nil means no
 	// HTTPS.
 	TLS *tls.Config
+	// SSH, if set, runs the SSH reverse-tunnel fallback for nodes whose UDP
+	// is blocked.
+	SSH *SSHOptions
 	// ACME, if set, gets certificates from an ACME CA (Let's Encrypt by
 	// default) for the hosts of routed nodes only; it excludes TLS.
 	ACME *ACME
@@ -57,6 +60,7 @@ type Proxy struct {
 	table   atomic.Pointer[Table]
 	access  *access
 	metrics *Metrics
+	ssh     *sshFallback // nil without SSH fallback
 
 	handler *Handler
 	servers []*http.Server
@@ -111,7 +115,7 @@ func New(opts Options) (*Proxy, error) {
 	p.handler, err = NewHandler(HandlerOptions{
 		Observe:     p.metrics.Observe,
 		Table:       p.table.Load,
-		Dial:        p.agent.DialContext,
+		Dial:        p.dial,
 		Authorize:   p.access.authorize,
 		Logger:      opts.Logger,
 		DialTimeout: opts.DialTimeout,
@@ -127,6 +131,9 @@ func New(opts Options) (*Proxy, error) {
 func (p *Proxy) setNetmap(nm *wire.Netmap) {
 	if p.access != nil {
 		p.access.setRevoked(nm.AccessRevoked)
+	}
+	if p.ssh != nil {
+		p.ssh.setNetmap(nm)
 	}
 	t := BuildTable(nm, p.opts.Domain)
 	p.table.Store(t)
@@ -149,6 +156,11 @@ func (p *Proxy) Start() (err error) {
 			p.Close()
 		}
 	}()
+	if p.opts.SSH != nil { // before the agent, whose first netmap it wants
+		if err := p.startSSH(p.opts.SSH); err != nil {
+			return err
+		}
+	}
 	if err := p.agent.Start(); err != nil {
 		return err
 	}
@@ -246,6 +258,9 @@ func (p *Proxy) Close() error {
 			if err := s.Shutdown(ctx); err != nil {
 				s.Close()
 			}
+		}
+		if p.ssh != nil {
+			p.ssh.srv.Close()
 		}
 		p.wg.Wait()
 		p.agent.Close()

@@ -9,8 +9,10 @@ import (
 	"time"
 
 	"github.com/meshctl/meshctl/node"
+	"github.com/meshctl/meshctl/pki"
 	"github.com/meshctl/meshctl/proxy"
 	"github.com/meshctl/meshctl/wire"
+	"golang.org/x/crypto/ssh"
 )
 
 // Domain is the proxy domain the harness uses.
@@ -70,4 +72,23 @@ func (p *Proxy) Get(host, path string) (int, string) {
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
 	return resp.StatusCode, string(b)
+}
+
+// SSHOptions returns SSH fallback options for a proxy of c: a fresh host
+// key certified by c's SSH CA for 127.0.0.1 and localhost, on 127.0.0.1:0.
+func (c *Coordinator) SSHOptions(t testing.TB) *proxy.SSHOptions {
+	t.Helper()
+	hostKey, err := pki.LoadOrCreateSSHKey(filepath.Join(t.TempDir(), "host_key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := pki.SignSSHHostCert(c.SSHCA(), hostKey.PublicKey(), []string{"127.0.0.1", "localhost"}, time.Now(), time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	signer, err := ssh.NewCertSigner(cert, hostKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &proxy.SSHOptions{Listen: "127.0.0.1:0", HostSigner: signer, UserCA: c.SSHCA().PublicKey()}
 }

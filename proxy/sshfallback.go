@@ -1,0 +1,150 @@
+package proxy
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/meshctl/meshctl/proxy/sshtunnel"
+	"github.com/meshctl/meshctl/wire"
+	"golang.org/x/crypto/ssh"
+)
+
+// SSH fallback. Nodes whose UDP is blocked connect to the proxy's SSH
+// server with the certificate their coordinator issued (principal = node
+// name) and remote-forward their own services; the proxy then reaches
+// those services through the SSH connection. A node's identity, and which
+// services it may forward, come from the proxy's netmap: a revoked node
+// leaves the netmap, so its SSH session is closed and its forwards vanish.
+// When both a WireGuard path and an SSH forward exist, WireGuard wins as
+// long as the node has handshaked with the proxy recently.
+
+// SSHOptions configure the proxy's SSH fallback server.
+type SSHOptions struct {
+	// Listen is the TCP address, e.g. ":2222". Required.
+	Listen string
+	// HostSigner is the host key certified by the coordinator's SSH CA
+	// (ssh.NewCertSigner). Required.
+	HostSigner ssh.Signer
+	// UserCA is the coordinator's SSH CA: it certifies nodes. Required.
+	UserCA ssh.PublicKey
+}
+
+// wgRecent is how recent a WireGuard handshake must be for the proxy to
+// prefer WireGuard over an SSH forward (WireGuard rekeys every 2 minutes
+// while traffic flows; nodes keep alive toward the proxy every 25 s).
+const wgRecent = 3 * time.Minute
+
+type sshFallback struct {
+	srv   *sshtunnel.Server
+	ln    net.Listener
+	nodes atomic.Pointer[map[string][]wire.Service] // active node name -> services, from the netmap
+
+	mu        sync.Mutex
+	handshake map[string]time.Time // node name -> last WireGuard handshake with the proxy
+	checked   time.Time
+}
+
+func (p *Proxy) startSSH(o *SSHOptions) error {
+	f := &sshFallback{handshake: map[string]time.Time{}}
+	empty := map[string][]wire.Service{}
+	f.nodes.Store(&empty)
+	srv, err := sshtunnel.New(sshtunnel.Options{
+		HostSigner: o.HostSigner,
+		UserCA:     o.UserCA,
+		Lookup:     f.lookup,
+		Logger:     p.log.With("component", "ssh"),
+		OnChange:   func() { p.handler.TableChanged() },
+	})
+	if err != nil {
+		return err
+	}
+	ln, err := net.Listen("tcp", o.Listen)
+	if err != nil {
+		return fmt.Errorf("SSH fallback: listen on %s: %w", o.Listen, err)
+	}
+	f.srv, f.ln = srv, ln
+	p.ssh = f
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		if err := srv.Serve(ln); err != nil {
+			p.log.Error("SSH fallback server stopped", "err", err)
+		}
+	}()
+	p.log.Info("SSH fallback listening", "addr", ln.Addr().String())
+	return nil
+}
+
+func (f *sshFallback) lookup(node string) (sshtunnel.NodeInfo, bool) {
+	svcs, ok := (*f.nodes.Load())[node]
+	return sshtunnel.NodeInfo{Services: svcs}, ok
+}
+
+// setNetmap refreshes which nodes may use the SSH fallback and closes the
+// sessions of nodes that left the netmap (revoked).
+func (f *sshFallback) setNetmap(nm *wire.Netmap) {
+	nodes := make(map[string][]wire.Service, len(nm.Peers))
+	for _, peer := range nm.Peers {
+		if peer.Role == wire.RoleNode {
+			nodes[peer.Name] = slices.Clone(peer.Services)
+		}
+	}
+	f.nodes.Store(&nodes)
+	for _, fw := range f.srv.Forwards() {
+		if _, ok := nodes[fw.Node]; !ok {
+			f.srv.DropNode(fw.Node)
+		}
+	}
+}
+
+// hasForward reports whether node forwards service over SSH now.
+func (f *sshFallback) hasForward(node, service string) bool {
+	return slices.Contains(f.srv.Forwards(), sshtunnel.Forward{Node: node, Service: service})
+}
+
+// wireGuardUp reports whether node handshaked with the proxy recently,
+// reading the device at most every 2 s.
+func (f *sshFallback) wireGuardUp(p *Proxy, node string) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if now := time.Now(); now.Sub(f.checked) > 2*time.Second {
+		f.checked = now
+		clear(f.handshake)
+		if st, err := p.agent.Status(); err == nil {
+			for _, peer := range st.Peers {
+				if t, err := time.Parse(time.RFC3339, peer.LastHandshake); err == nil {
+					f.handshake[peer.Name] = t
+				}
+			}
+		}
+	}
+	t, ok := f.handshake[node]
+	return ok && time.Since(t) < wgRecent
+}
+
+// dial reaches a route's address: through WireGuard, or through the node's
+// SSH tunnel when it forwards that service and WireGuard is not up.
+func (p *Proxy) dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	if f := p.ssh; f != nil {
+		if ap, err := netip.ParseAddrPort(addr); err == nil {
+			if rt, ok := p.table.Load().RouteFor(ap); ok && f.hasForward(rt.Node, rt.Service) && !f.wireGuardUp(p, rt.Node) {
+				return f.srv.Dial(ctx, rt.Node, rt.Service)
+			}
+		}
+	}
+	return p.agent.DialContext(ctx, network, addr)
+}
+
+// SSHAddr is the SSH fallback's listening address (nil without one).
+func (p *Proxy) SSHAddr() net.Addr {
+	if p.ssh == nil {
+		return nil
+	}
+	return p.ssh.ln.Addr()
+}

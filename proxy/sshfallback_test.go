@@ -1,0 +1,103 @@
+package proxy_test
+
+import (
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/meshctl/meshctl/internal/meshtest"
+	"github.com/meshctl/meshctl/node"
+	"github.com/meshctl/meshctl/proxy"
+	"github.com/meshctl/meshctl/wire"
+	"golang.org/x/crypto/ssh"
+)
+
+// sshClient connects to the proxy's SSH fallback with the identity the
+// node got at enrollment (the files stock ssh would use).
+func sshClient(t *testing.T, n *meshtest.Node, addr string, hostCA ssh.PublicKey) *ssh.Client {
+	t.Helper()
+	cl, err := dialSSH(t, n, addr, hostCA)
+	if err != nil {
+		t.Fatalf("ssh as %s: %v", n.Name, err)
+	}
+	t.Cleanup(func() { cl.Close() })
+	return cl
+}
+
+func dialSSH(t *testing.T, n *meshtest.Node, addr string, hostCA ssh.PublicKey) (*ssh.Client, error) {
+	t.Helper()
+	key, err := os.ReadFile(filepath.Join(n.Dir, node.SSHDir, "id_ed25519"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	signer, err := ssh.ParsePrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	certText, _ := os.ReadFile(filepath.Join(n.Dir, node.SSHDir, "id_ed25519-cert.pub"))
+	pub, _, _, _, err := ssh.ParseAuthorizedKey(certText)
+	if err != nil {
+		t.Fatal(err)
+	}
+	certSigner, err := ssh.NewCertSigner(pub.(*ssh.Certificate), signer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hostCheck := &ssh.CertChecker{IsHostAuthority: func(k ssh.PublicKey, _ string) bool { return string(k.Marshal()) == string(hostCA.Marshal()) }}
+	return ssh.Dial("tcp", addr, &ssh.ClientConfig{
+		User: n.Name, Auth: []ssh.AuthMethod{ssh.PublicKeys(certSigner)},
+		HostKeyCallback: hostCheck.CheckHostKey, Timeout: 5 * time.Second,
+	})
+}
+
+// A node that cannot use WireGuard (no agent runs: UDP "blocked") stays
+// reachable through its SSH reverse tunnel, authenticated by the
+// certificate from enrollment; revoking it ends the tunnel and the route.
+func TestSSHFallbackServesNode(t *testing.T) {
+	c := meshtest.NewCoordinator(t)
+	px := c.AddProxy(t, func(o *proxy.Options) { o.SSH = c.SSHOptions(t) })
+	n := c.AddNode(t, "pi1")
+	svcs := []wire.Service{{Name: "web", Port: 80, Public: true}}
+	if err := n.Client.Update(t.Context(), wire.UpdateRequest{Services: &svcs}); err != nil {
+		t.Fatal(err)
+	}
+	meshtest.WaitFor(t, deadline, func() bool { return px.Table().Len() > 0 }, "a route for pi1")
+
+	cl := sshClient(t, n, px.SSHAddr().String(), c.SSHCA().PublicKey())
+	ln, err := cl.Listen("tcp", "pi1:80") // ssh -R pi1:80:…
+	if err != nil {
+		t.Fatalf("remote forward of pi1's own name: %v", err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "via ssh") })}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	meshtest.WaitFor(t, deadline, func() bool { code, body := px.Get(host("pi1"), "/"); return code == 200 && body == "via ssh" }, "pi1 served through its SSH tunnel")
+
+	// Another node's name cannot be forwarded.
+	c.AddNode(t, "pi2")
+	if _, err := cl.Listen("tcp", "pi2:80"); err == nil {
+		t.Fatal("pi1 forwarded pi2's name")
+	}
+
+	done := make(chan error, 1)
+	go func() { done <- cl.Wait() }()
+	if err := c.Admin(http.MethodPost, wire.PathAdminNodeRevoke, wire.NameRequest{Name: "pi1"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	meshtest.WaitFor(t, deadline, func() bool { code, _ := px.Get(host("pi1"), "/"); return code == http.StatusNotFound }, "pi1 404 after revocation")
+	select {
+	case <-done:
+		t.Logf("revoked node's SSH session closed after %s", time.Since(start))
+	case <-time.After(deadline):
+		t.Fatal("revoked node's SSH session still open")
+	}
+	// And it cannot come back.
+	if again, err := dialSSH(t, n, px.SSHAddr().String(), c.SSHCA().PublicKey()); err == nil {
+		again.Close()
+		t.Fatal("a revoked node logged in to the SSH fallback")
+	}
+}
