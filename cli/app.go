@@ -45,6 +45,7 @@ func NewApp(stdout, stderr io.Writer) *cli.App {
   status       this node's addresses, coordinator, peers, services (node)
   ping, nc     reach a peer over the mesh (node)
   wg show      the WireGuard device, like wg show (node)
+  ssh-config   stock OpenSSH command for the SSH fallback (node)
   netmap       fetch this node's current view of the mesh (node)
 
 Admin commands talk to a local server through the Unix socket in its data dir
@@ -74,6 +75,7 @@ Every flag can also be set with the MESHCTL_* variable shown in its help.`,
 			pingCommand(),
 			ncCommand(),
 			wgCommand(),
+			sshConfigCommand(),
 			netmapCommand(),
 			versionCommand(),
 		},

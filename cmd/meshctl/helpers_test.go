@@ -257,6 +257,7 @@ type server struct {
 	dataDir string
 	addr    string // 127.0.0.1:PORT
 	http    string // the embedded proxy's 127.0.0.1:PORT
+	ssh     string // its SSH fallback's 127.0.0.1:PORT
 }
 
 // startServer runs `meshctl server` on dataDir at 127.0.0.1:port and waits
@@ -265,9 +266,10 @@ func startServer(t *testing.T, dataDir, port string) *server {
 	t.Helper()
 	addr := net.JoinHostPort("127.0.0.1", port)
 	httpAddr := net.JoinHostPort("127.0.0.1", freePort(t))
+	sshAddr := net.JoinHostPort("127.0.0.1", freePort(t))
 	p := start(t, nil, "server", "--data-dir", dataDir, "--listen", addr, "--public-host", "127.0.0.1",
-		"--http", httpAddr, "--wg-listen", net.JoinHostPort("127.0.0.1", freeUDPPort(t)))
-	s := &server{proc: p, dataDir: dataDir, addr: addr, http: httpAddr}
+		"--http", httpAddr, "--wg-listen", net.JoinHostPort("127.0.0.1", freeUDPPort(t)), "--ssh-listen", sshAddr)
+	s := &server{proc: p, dataDir: dataDir, addr: addr, http: httpAddr, ssh: sshAddr}
 	eventually(t, 20*time.Second, "the server's admin socket to answer", func() bool {
 		if p.exited() {
 			t.Fatalf("meshctl server exited early (%v)\nstdout:\n%s\nstderr:\n%s", p.err, p.stdout, p.stderr)

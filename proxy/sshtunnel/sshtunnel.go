@@ -438,6 +438,7 @@ func (s *Server) register(sess *session) bool {
 	}
 	if old != nil {
 		s.log.Info("replaced older session", "node", sess.node, "old_remote", old.conn.RemoteAddr().String(), "remote", sess.conn.RemoteAddr().String())
+		old.conn.Close()
 	}
 	return true
 }

@@ -198,6 +198,28 @@ func TestRevokedNodeDroppedOnUse(t *testing.T) {
 	e.wantForwards()
 }
 
+func TestDisconnectRemovesForwards(t *testing.T) {
+	e := newEnv(t, nil, nil)
+	c := e.connect("pi1")
+	listen(t, c, "pi1:80", backend(t, "web"))
+	e.wantForwards(Forward{"pi1", "web"})
+	before := e.changes.Load()
+	c.Close()
+	deadline := time.Now().Add(10 * time.Second)
+	for len(e.srv.Forwards()) > 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("forwards of a closed connection remain: %v", e.srv.Forwards())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if e.changes.Load() == before {
+		t.Error("OnChange not called when the connection ended")
+	}
+	if _, err := e.srv.Dial(context.Background(), "pi1", "web"); !errors.Is(err, ErrNoForward) {
+		t.Errorf("Dial after disconnect: %v", err)
+	}
+}
+
 func TestMaxChannels(t *testing.T) {
 	e := newEnv(t, func(o *Options) { o.MaxChannels = 1 }, nil)
 	c := e.connect("pi1")
@@ -237,6 +259,12 @@ func TestCloseEndsEverything(t *testing.T) {
 
 	if err := e.srv.Close(); err != nil {
 		t.Fatal(err)
+	}
+	e.srv.mu.Lock()
+	conns, perIP := len(e.srv.conns), len(e.srv.perIP)
+	e.srv.mu.Unlock()
+	if conns != 0 || perIP != 0 {
+		t.Fatalf("Close returned before connection goroutines finished: %d conns, %d addresses", conns, perIP)
 	}
 	if err := e.srv.Close(); err != nil {
 		t.Fatalf("second Close: %v", err)

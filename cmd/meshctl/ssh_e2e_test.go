@@ -1,0 +1,82 @@
+package main
+
+import (
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/meshctl/meshctl/internal/meshtest"
+)
+
+// TestStockOpenSSHFallback: a device with only OpenSSH (here: an enrolled
+// node that runs no agent) is reachable through the proxy with the command
+// `meshctl ssh-config` prints, verified through the coordinator's SSH CA.
+func TestStockOpenSSHFallback(t *testing.T) {
+	needBinary(t)
+	if _, err := exec.LookPath("ssh"); err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatal("ssh (openssh-client) is missing; .ci/run installs it")
+		}
+		t.Skip("ssh (openssh-client) not installed")
+	}
+	dir := meshtest.ShortTempDir(t)
+	srv := startServer(t, filepath.Join(dir, "d"), freePort(t))
+	state := filepath.Join(dir, "pi1")
+	enrollNode(t, srv.dataDir, "pi1", state)
+	backend := strings.TrimPrefix(startBackend(t, "hello through ssh"), "http://")
+
+	out := mustOK(t, nil, "ssh-config", "--state-dir", state, "--expose", "web="+backend+",public").stdout
+	var cmdline string
+	for _, l := range strings.Split(out, "\n") {
+		if strings.HasPrefix(l, "ssh ") {
+			cmdline = l
+		}
+	}
+	if cmdline == "" || !strings.Contains(out, "@cert-authority [127.0.0.1]:") || !strings.Contains(cmdline, "-R pi1:80:"+backend) {
+		t.Fatalf("ssh-config output:\n%s", out)
+	}
+	args := strings.Fields(cmdline)[1:]
+	args = append([]string{"-F", "none", "-o", "BatchMode=yes"}, args...)
+	ssh := exec.Command("ssh", args...)
+	var stderr strings.Builder
+	ssh.Stderr = &stderr
+	if err := ssh.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ssh.Process.Kill(); ssh.Wait() })
+
+	client := &http.Client{Timeout: 5 * time.Second}
+	get := func() (int, string) {
+		req, _ := http.NewRequest(http.MethodGet, "http://"+srv.http+"/", nil)
+		req.Host = "pi1.localhost"
+		resp, err := client.Do(req)
+		if err != nil {
+			return 0, err.Error()
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	eventually(t, 20*time.Second, "pi1 served through the stock ssh tunnel", func() bool {
+		code, body := get()
+		return code == 200 && body == "hello through ssh"
+	})
+
+	// Revoking the node closes the tunnel: ssh exits, the page is 404.
+	mustOK(t, nil, "nodes", "revoke", "--data-dir", srv.dataDir, "pi1")
+	exited := make(chan error, 1)
+	go func() { exited <- ssh.Wait() }()
+	select {
+	case <-exited:
+	case <-time.After(10 * time.Second):
+		t.Fatalf("ssh still connected after revocation; stderr:\n%s", stderr.String())
+	}
+	if code, _ := get(); code != http.StatusNotFound {
+		t.Fatalf("revoked node: %d, want 404", code)
+	}
+}
