@@ -71,6 +71,9 @@ func printStatus(w io.Writer, st node.Status, now time.Time) error {
 	} else {
 		fmt.Fprintf(w, "  Coordinator: %s NOT reachable since %s: %s\n    (tunnels keep working on the last netmap)\n", st.Coordinator, ago(st.CoordinatorSince, now), st.CoordinatorError)
 	}
+	if text := st.FallbackText(); text != "" {
+		fmt.Fprintf(w, "  Path to the proxy: %s\n", text)
+	}
 	fmt.Fprintf(w, "  Certificate valid until %s\n", st.CertificateExpires.Local().Format(time.DateTime))
 	if len(st.Services) == 0 {
 		fmt.Fprintln(w, "  Services: none published (meshctl up --expose NAME=HOST:PORT)")

@@ -37,6 +37,12 @@ on the overlay address is reachable.
 If the coordinator is unreachable, the node comes up from its cached netmap
 and keeps its tunnels while it retries. A revoked node stops (exit code 3).
 
+If UDP to the proxy is blocked (no WireGuard handshake within
+--fallback-timeout), the node serves its services through an SSH reverse
+tunnel to the proxy instead, authenticated by the SSH certificate from
+enrollment, and returns to WireGuard as soon as a handshake succeeds.
+meshctl status says which path is in use and why.
+
 Examples:
   meshctl up --state-dir ./pi1 --expose web=127.0.0.1:3000,public
   meshctl up --state-dir ./pi1 --expose ssh=127.0.0.1:22 --socks5 127.0.0.1:1080
@@ -47,6 +53,10 @@ Examples:
 			&cli.IntFlag{Name: "listen-port", Value: DefaultListenPort, EnvVars: env("listen-port"), Usage: "WireGuard UDP port (0 = any free port)"},
 			&cli.StringFlag{Name: "tun", EnvVars: env("tun"), Usage: "use a kernel TUN interface with this name (needs root) instead of the userspace stack"},
 			&cli.StringFlag{Name: "socks5", EnvVars: env("socks5"), Usage: "serve a SOCKS5 proxy into the mesh on this local address, e.g. 127.0.0.1:1080"},
+			&cli.StringFlag{Name: "fallback", Value: node.FallbackAuto, EnvVars: env("fallback"),
+				Usage: "SSH fallback when UDP to the proxy is blocked: auto (after --fallback-timeout without a WireGuard handshake), off, or always"},
+			&cli.DurationFlag{Name: "fallback-timeout", Value: node.DefaultFallbackTimeout, EnvVars: env("fallback-timeout"),
+				Usage: "how long to wait for a WireGuard handshake with the proxy before falling back to SSH"},
 			&cli.StringSliceFlag{Name: "endpoint", EnvVars: env("endpoint"), Usage: "advertise this IP:PORT to peers instead of this host's addresses (repeatable; e.g. a forwarded port; spaces separate several in MESHCTL_ENDPOINT)"},
 		}, logFlags()...),
 		Action: runUp,
@@ -85,6 +95,8 @@ func runUp(c *cli.Context) error {
 		TUN:                c.String("tun"),
 		SOCKS5:             c.String("socks5"),
 		AdvertiseEndpoints: eps,
+		Fallback:           c.String("fallback"),
+		FallbackTimeout:    c.Duration("fallback-timeout"),
 		Logger:             log,
 	})
 	if err != nil {

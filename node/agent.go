@@ -60,6 +60,15 @@ type AgentOptions struct {
 	// (the cached one at start included), on the agent's goroutine; it must
 	// not block. The proxy builds its route table here.
 	OnNetmap func(*wire.Netmap)
+	// Fallback is the SSH fallback mode: FallbackAuto (default),
+	// FallbackOff or FallbackAlways.
+	Fallback string
+	// FallbackTimeout is how long the agent waits for a WireGuard handshake
+	// with the proxy before it falls back to SSH. Default 30s.
+	FallbackTimeout time.Duration
+	// Bind, if set, replaces WireGuard's UDP bind (tests put a lossy or
+	// blocking path here). Nil is the standard bind.
+	Bind conn.Bind
 	// RetryMin and RetryMax bound the backoff toward the coordinator.
 	// Defaults 1s and 60s.
 	RetryMin, RetryMax time.Duration
@@ -84,6 +93,7 @@ type Agent struct {
 	uapiLn    net.Listener
 	ctlLn     net.Listener
 	socks     *socks5.Server
+	fb        *fallback
 	fwds      []*forwarder
 	isLocal   func(netip.Addr) bool
 	endpoints []netip.AddrPort
@@ -134,6 +144,19 @@ func NewAgent(opts AgentOptions) (*Agent, error) {
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	switch opts.Fallback {
+	case "":
+		opts.Fallback = FallbackAuto
+	case FallbackAuto, FallbackOff, FallbackAlways:
+	default:
+		return nil, fmt.Errorf("fallback mode %q: use auto, off or always", opts.Fallback)
+	}
+	if opts.FallbackTimeout == 0 {
+		opts.FallbackTimeout = DefaultFallbackTimeout
+	}
+	if opts.Bind == nil {
+		opts.Bind = conn.NewDefaultBind()
 	}
 	if opts.ListenPort < 0 || opts.ListenPort > 65535 {
 		return nil, fmt.Errorf("listen port %d is not 0-65535", opts.ListenPort)
@@ -195,7 +218,7 @@ func (a *Agent) Start() (err error) {
 	if err != nil {
 		return err
 	}
-	a.dev = device.NewDevice(a.plane.Device(), conn.NewDefaultBind(), wgLogger(a.log))
+	a.dev = device.NewDevice(a.plane.Device(), a.opts.Bind, wgLogger(a.log))
 	if err := a.dev.IpcSet(wgconf.FullConfig(a.state.WireGuardKey(), a.opts.ListenPort, nil)); err != nil {
 		return fmt.Errorf("configure WireGuard: %w", err)
 	}
@@ -246,6 +269,7 @@ func (a *Agent) Start() (err error) {
 	a.goLoop(a.netmapLoop)
 	a.goLoop(a.reportLoop)
 	a.goLoop(a.renewLoop)
+	a.startFallback()
 	a.log.Info("node up", "name", a.state.Name, "ipv4", a.v4, "ipv6", a.v6, "mode", a.plane.Mode(),
 		"wireguard_port", a.port, "services", len(a.opts.Services), "control_socket", filepath.Join(a.opts.StateDir, ControlSocket))
 	return nil

@@ -27,7 +27,13 @@ type Status struct {
 	CertificateExpires   time.Time       `json:"certificate_expires"`
 	Services             []ServiceStatus `json:"services"`
 	Peers                []PeerStatus    `json:"peers"`
+	// Fallback says whether the services are served through SSH because
+	// UDP to the proxy is blocked, and why.
+	Fallback FallbackStatus `json:"fallback"`
 }
+
+// FallbackText is the fallback state in words, empty when not active.
+func (s Status) FallbackText() string { return s.Fallback.describe() }
 
 // ServiceStatus is a published service. Target is shown locally only; it
 // is never sent to the coordinator.
@@ -67,6 +73,9 @@ func (a *Agent) Status() (Status, error) {
 	for _, s := range a.opts.Services {
 		out.Services = append(out.Services, ServiceStatus{Name: s.Name, Port: s.Port, Target: s.Target, Public: s.Public})
 	}
+	if a.fb != nil {
+		out.Fallback = a.fb.status()
+	}
 	cur := a.applied.Load()
 	if cur == nil {
 		return out, nil
@@ -89,6 +98,9 @@ func (a *Agent) Status() (Status, error) {
 		ps := PeerStatus{Name: "(unknown)", PublicKey: d.PublicKey.String(), Path: "direct", RxBytes: d.RxBytes, TxBytes: d.TxBytes}
 		if p := byKey[d.PublicKey]; p != nil {
 			ps.Name, ps.IPv4, ps.IPv6 = p.Name, p.IPv4.String(), p.IPv6.String()
+			if out.Fallback.Active && p.Keepalive > 0 { // the proxy (only it gets a keepalive)
+				ps.Path = "ssh"
+			}
 		}
 		if d.Endpoint.IsValid() {
 			ps.Endpoint = d.Endpoint.String()

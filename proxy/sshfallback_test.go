@@ -2,12 +2,15 @@ package proxy_test
 
 import (
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/meshctl/meshctl/coordinator"
 	"github.com/meshctl/meshctl/internal/meshtest"
 	"github.com/meshctl/meshctl/node"
 	"github.com/meshctl/meshctl/proxy"
@@ -99,5 +102,45 @@ func TestSSHFallbackServesNode(t *testing.T) {
 	if again, err := dialSSH(t, n, px.SSHAddr().String(), c.SSHCA().PublicKey()); err == nil {
 		again.Close()
 		t.Fatal("a revoked node logged in to the SSH fallback")
+	}
+}
+
+// A node whose UDP is blocked falls back to SSH on its own: its page stays
+// reachable through the proxy and its status says why; when UDP comes
+// back, it returns to WireGuard.
+func TestAgentFallsBackToSSHWhenUDPBlocked(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0") // a port for the SSH fallback, announced in netmaps
+	if err != nil {
+		t.Fatal(err)
+	}
+	sshAddr := ln.Addr().String()
+	ln.Close()
+	c := meshtest.NewCoordinator(t, func(o *coordinator.Options) { o.SSHEndpoint = sshAddr })
+	sshOpts := c.SSHOptions(t)
+	sshOpts.Listen = sshAddr
+	px := c.AddProxy(t, func(o *proxy.Options) { o.SSH = sshOpts })
+
+	bind := meshtest.NewBlockableBind()
+	bind.Block(true)
+	n := c.AddNode(t, "pi1")
+	a := n.StartAgent(t, func(o *node.AgentOptions) {
+		o.Services = []node.Service{expose(t, "web="+backend(t, "still reachable")+",public")}
+		o.Bind = bind
+		o.FallbackTimeout = time.Second
+	})
+	meshtest.WaitFor(t, 30*time.Second, func() bool { code, body := px.Get(host("pi1"), "/"); return code == 200 && body == "still reachable" },
+		"pi1 served through the SSH fallback while its UDP is blocked")
+	st, err := a.Status()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !st.Fallback.Active || !strings.Contains(st.FallbackText(), "UDP to the proxy is blocked") {
+		t.Fatalf("status while blocked: %+v", st.Fallback)
+	}
+
+	bind.Block(false)
+	meshtest.WaitFor(t, 30*time.Second, func() bool { s, _ := a.Status(); return !s.Fallback.Active }, "pi1 back on WireGuard once UDP works")
+	if code, body := px.Get(host("pi1"), "/"); code != 200 || body != "still reachable" {
+		t.Fatalf("after returning to WireGuard: %d %q", code, body)
 	}
 }

@@ -1,0 +1,50 @@
+package meshtest
+
+import (
+	"sync/atomic"
+
+	"golang.zx2c4.com/wireguard/conn"
+)
+
+// BlockableBind is WireGuard's standard UDP bind with a switch that drops
+// every packet in both directions: a network that blocks UDP, at the seam
+// the test controls.
+type BlockableBind struct {
+	conn.Bind
+	blocked atomic.Bool
+}
+
+// NewBlockableBind wraps the standard bind, initially not blocking.
+func NewBlockableBind() *BlockableBind { return &BlockableBind{Bind: conn.NewDefaultBind()} }
+
+// Block starts or stops dropping all UDP.
+func (b *BlockableBind) Block(on bool) { b.blocked.Store(on) }
+
+// Open wraps the receive functions so that blocked packets never arrive.
+func (b *BlockableBind) Open(port uint16) ([]conn.ReceiveFunc, uint16, error) {
+	fns, actual, err := b.Bind.Open(port)
+	if err != nil {
+		return nil, 0, err
+	}
+	wrapped := make([]conn.ReceiveFunc, len(fns))
+	for i, fn := range fns {
+		wrapped[i] = func(packets [][]byte, sizes []int, eps []conn.Endpoint) (int, error) {
+			for {
+				n, err := fn(packets, sizes, eps)
+				if err != nil || !b.blocked.Load() {
+					return n, err
+				}
+				// dropped: wait for the next packets
+			}
+		}
+	}
+	return wrapped, actual, nil
+}
+
+// Send drops everything while blocked.
+func (b *BlockableBind) Send(bufs [][]byte, ep conn.Endpoint) error {
+	if b.blocked.Load() {
+		return nil
+	}
+	return b.Bind.Send(bufs, ep)
+}
