@@ -139,6 +139,13 @@ func (e *testEnv) setNode(name string, info NodeInfo, ok bool) {
 // signed by ca, valid from after to before.
 func userCert(t *testing.T, ca ssh.Signer, after, before time.Time, principals ...string) (ssh.Signer, *ssh.Certificate, ed25519.PrivateKey) {
 	t.Helper()
+	return userCertExt(t, ca, map[string]string{"permit-port-forwarding": ""}, after, before, principals...)
+}
+
+// userCertExt is userCert with the given certificate extensions (the
+// coordinator grants exactly permit-port-forwarding).
+func userCertExt(t *testing.T, ca ssh.Signer, ext map[string]string, after, before time.Time, principals ...string) (ssh.Signer, *ssh.Certificate, ed25519.PrivateKey) {
+	t.Helper()
 	key, priv := newSigner(t)
 	cert := &ssh.Certificate{
 		Key:             key.PublicKey(),
@@ -147,6 +154,7 @@ func userCert(t *testing.T, ca ssh.Signer, after, before time.Time, principals .
 		ValidPrincipals: principals,
 		ValidAfter:      uint64(after.Unix()),
 		ValidBefore:     uint64(before.Unix()),
+		Permissions:     ssh.Permissions{Extensions: ext},
 	}
 	if err := cert.SignCert(rand.Reader, ca); err != nil {
 		t.Fatal(err)

@@ -122,6 +122,7 @@ func TestAuthRefused(t *testing.T) {
 	otherCA, _ := newSigner(t)
 	plain, _ := newSigner(t)
 	expired, _, _ := userCert(t, e.userCA, now.Add(-time.Hour), now.Add(time.Minute), "pi1")
+	noForwarding, _, _ := userCertExt(t, e.userCA, map[string]string{"permit-pty": ""}, now.Add(-time.Hour), now.Add(time.Hour), "pi1")
 	e.setNode("gone", services("web"), false)
 
 	// The control: a valid certificate authenticates.
@@ -138,6 +139,7 @@ func TestAuthRefused(t *testing.T) {
 		{"expired certificate", "pi1", ssh.PublicKeys(expired), 2 * time.Minute},
 		{"certificate from another CA", "pi1", ssh.PublicKeys(valid(otherCA, "pi1")), 0},
 		{"plain key", "pi1", ssh.PublicKeys(plain), 0},
+		{"certificate without port forwarding", "pi1", ssh.PublicKeys(noForwarding), 0},
 		{"CA key itself", "pi1", ssh.PublicKeys(e.userCA), 0},
 		{"principal mismatch", "pi1", ssh.PublicKeys(valid(e.userCA, "pi2")), 0},
 		{"revoked node", "gone", ssh.PublicKeys(valid(e.userCA, "gone")), 0},

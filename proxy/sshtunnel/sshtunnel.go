@@ -243,6 +243,11 @@ func New(o Options) (*Server, error) {
 			if err != nil {
 				return nil, err
 			}
+			// The coordinator grants exactly this; a certificate without it
+			// was not issued for the fallback.
+			if _, ok := perms.Extensions["permit-port-forwarding"]; !ok {
+				return nil, errors.New("certificate does not permit port forwarding")
+			}
 			if _, ok := s.o.Lookup(node); !ok {
 				return nil, fmt.Errorf("node %q is unknown or revoked", node)
 			}
