@@ -37,9 +37,10 @@ func NewApp(stdout, stderr io.Writer) *cli.App {
   server       coordinator (enrollment, addresses, netmaps, revocation) and proxy in one process
   proxy serve  a standalone proxy: <node>.DOMAIN for browsers, WireGuard endpoint for nodes
   token …      enrollment tokens (admin)
-  nodes …      list, revoke, rename nodes (admin)
+  nodes …      list, revoke, rename nodes; set services public or private (admin)
   audit        the audit log (admin)
   admin-key …  keys for remote admin access
+  access-key … sign-in keys for private services at the proxy (admin)
   enroll       join this device to a mesh (node)
   up           run this node: WireGuard device, published services (node)
   status       this node's addresses, coordinator, peers, services (node)
