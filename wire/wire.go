@@ -34,6 +34,7 @@ const (
 	PathAdminAccessKeys      = "/api/v1/admin/access-keys"         // GET list, POST create
 	PathAdminAccessKeyRevoke = "/api/v1/admin/access-keys/revoke"  // POST {id}
 	PathAdminVisibility      = "/api/v1/admin/services/visibility" // POST VisibilityRequest
+	PathAdminNodeAddSSH      = "/api/v1/admin/nodes/add-ssh"       // POST AddSSHRequest
 
 	// PathAccessCheck is for proxies (mTLS, role proxy only): verify an
 	// access key a browser presented for a route.
@@ -70,6 +71,9 @@ const (
 const (
 	RoleNode  = "node"
 	RoleProxy = "proxy"
+	// RoleSSH is an SSH-only node (meshctl nodes add-ssh): a device with
+	// stock OpenSSH and no meshctl; no WireGuard key, no overlay address.
+	RoleSSH = "ssh"
 )
 
 // EnrollRequest is sent by a device with a token. Only public material
@@ -168,6 +172,10 @@ type Netmap struct {
 	ProxyEndpoint string `json:"proxy_endpoint,omitempty"`
 	// Domain is the proxy's domain (<name>.<domain>), empty without a proxy.
 	Domain string `json:"domain,omitempty"`
+	// SSHOnly lists the SSH-only nodes (name, id, services); only proxies'
+	// netmaps carry it. They have no WireGuard key or address and are
+	// never WireGuard peers.
+	SSHOnly []Peer `json:"ssh_only,omitempty"`
 	// ProxySSH is the proxy's SSH fallback endpoint (host:port), empty when
 	// none runs.
 	ProxySSH string `json:"proxy_ssh,omitempty"`
@@ -330,4 +338,23 @@ type VisibilityRequest struct {
 	Node    string `json:"node"`
 	Service string `json:"service"`
 	Public  bool   `json:"public"`
+}
+
+// AddSSHRequest certifies an SSH key for an SSH-only node (a device with
+// only OpenSSH). Adding an active SSH-only node's name again re-certifies
+// it (for instance with a new key, or before its certificate expires).
+type AddSSHRequest struct {
+	Name     string   `json:"name"`
+	SSHKey   string   `json:"ssh_key"`  // authorized_keys line
+	TTL      Duration `json:"ttl"`      // certificate lifetime; 0 = 7 days
+	Services []string `json:"services"` // service names it may forward; empty = ["web"]
+}
+
+// AddSSHResponse carries the certificate and what the device needs to use it.
+type AddSSHResponse struct {
+	Node        Node   `json:"node"`
+	Certificate string `json:"certificate"` // authorized_keys format, for CertificateFile
+	SSHCA       string `json:"ssh_ca"`      // for the @cert-authority known_hosts line
+	ProxySSH    string `json:"proxy_ssh"`   // host:port of the proxy's SSH server, empty without one
+	Domain      string `json:"domain,omitempty"`
 }
