@@ -4,6 +4,7 @@
 package proxy
 
 import (
+	"hash/fnv"
 	"maps"
 	"net"
 	"net/netip"
@@ -27,6 +28,11 @@ type Route struct {
 	// thing the proxy ever dials.
 	Addr   netip.AddrPort
 	Public bool
+	// SSHOnly marks a route to an SSH-only node (no WireGuard, no overlay
+	// address): Addr is then a placeholder in 240.0.0.0/4, never a
+	// destination of any packet; the proxy reaches the service only through
+	// the node's SSH tunnel.
+	SSHOnly bool
 }
 
 // Table is an immutable route table built from a netmap; it is safe for
@@ -59,36 +65,81 @@ func BuildTable(nm *wire.Netmap, domain string) *Table {
 		if _, taken := t.byHost[p.Name+"."+domain]; taken {
 			continue
 		}
-		var def *Route
-		seen := map[string]bool{}
-		for _, s := range p.Services {
-			if !validName(s.Name) || s.Port == 0 || seen[s.Name] {
-				continue
-			}
-			seen[s.Name] = true
-			rt := Route{
-				Host:    ServiceHost(s.Name, p.Name, domain),
-				Node:    p.Name,
-				NodeID:  p.ID,
-				Service: s.Name,
-				Addr:    netip.AddrPortFrom(ip, s.Port),
-				Public:  s.Public,
-			}
-			if validHost(rt.Host) { // else "<service>--<node>" is over 63 characters
-				t.add(rt)
-			}
-			if def == nil || s.Name == DefaultService && def.Service != DefaultService {
-				def = &rt
-			}
+		t.addServices(p, ip, domain, false)
+	}
+	for _, p := range nm.SSHOnly {
+		if p.Role != wire.RoleSSH || !validName(p.Name) {
+			continue
 		}
-		if def != nil {
-			rt := *def
-			rt.Host = p.Name + "." + domain
-			t.add(rt)
+		if _, taken := t.byHost[p.Name+"."+domain]; taken {
+			continue
 		}
+		t.addServices(p, placeholderAddr(p.ID, t.addrs), domain, true)
 	}
 	slices.SortFunc(t.routes, func(a, b Route) int { return strings.Compare(a.Host, b.Host) })
 	return t
+}
+
+// addServices adds the routes of one node: <service>--<node>.<domain> for
+// each service and <node>.<domain> for the default one. An SSH-only node's
+// routes get placeholder ports (1, 2, …) on its placeholder address, so
+// that each service has an address of its own.
+func (t *Table) addServices(p wire.Peer, ip netip.Addr, domain string, sshOnly bool) {
+	var def *Route
+	seen := map[string]bool{}
+	for i, s := range p.Services {
+		if !validName(s.Name) || s.Port == 0 || seen[s.Name] {
+			continue
+		}
+		seen[s.Name] = true
+		port := s.Port
+		if sshOnly {
+			port = uint16(i + 1)
+		}
+		rt := Route{
+			Host:    ServiceHost(s.Name, p.Name, domain),
+			Node:    p.Name,
+			NodeID:  p.ID,
+			Service: s.Name,
+			Addr:    netip.AddrPortFrom(ip, port),
+			Public:  s.Public,
+			SSHOnly: sshOnly,
+		}
+		if validHost(rt.Host) { // else "<service>--<node>" is over 63 characters
+			t.add(rt)
+		}
+		if def == nil || s.Name == DefaultService && def.Service != DefaultService {
+			def = &rt
+		}
+	}
+	if def != nil {
+		rt := *def
+		rt.Host = p.Name + "." + domain
+		t.add(rt)
+	}
+}
+
+// placeholderAddr derives a stable address in 240.0.0.0/4 (reserved, never
+// routed) from an SSH-only node's id, so that its routes keep their
+// addresses when other nodes come and go.
+func placeholderAddr(id string, used map[netip.AddrPort]string) netip.Addr {
+	h := fnv.New32a()
+	h.Write([]byte(id))
+	v := h.Sum32() & 0x00ffffff
+	for {
+		a := netip.AddrFrom4([4]byte{240, byte(v >> 16), byte(v >> 8), byte(v)})
+		taken := false
+		for ap, owner := range used {
+			if ap.Addr() == a && owner != id {
+				taken = true
+				break
+			}
+		}
+		if !taken {
+			return a
+		}
+		v = (v + 1) & 0x00ffffff
+	}
 }
 
 func (t *Table) add(rt Route) {

@@ -173,3 +173,29 @@ func TestTableAddrs(t *testing.T) {
 		t.Error("nil table not empty")
 	}
 }
+
+func TestSSHOnlyRoutes(t *testing.T) {
+	cam := wire.Peer{ID: "c1", Name: "cam1", Role: wire.RoleSSH, Services: []wire.Service{{Name: "web", Port: 80}, {Name: "rtsp", Port: 80}}}
+	t1 := BuildTable(&wire.Netmap{SSHOnly: []wire.Peer{cam}}, "example.com")
+	web, ok1 := t1.Lookup("cam1.example.com")
+	rtsp, ok2 := t1.Lookup("rtsp--cam1.example.com")
+	if !ok1 || !ok2 || !web.SSHOnly || web.Service != "web" || rtsp.Service != "rtsp" {
+		t.Fatalf("routes: %+v %+v", web, rtsp)
+	}
+	if !netip.MustParsePrefix("240.0.0.0/4").Contains(web.Addr.Addr()) || web.Addr == rtsp.Addr {
+		t.Fatalf("placeholder addresses %v %v: want distinct, in 240.0.0.0/4", web.Addr, rtsp.Addr)
+	}
+	if rt, ok := t1.RouteFor(rtsp.Addr); !ok || rt.Service != "rtsp" {
+		t.Fatalf("RouteFor(%v) = %+v", rtsp.Addr, rt)
+	}
+	// Other nodes coming and going do not move an SSH-only node's addresses.
+	other := wire.Peer{ID: "c2", Name: "cam2", Role: wire.RoleSSH, Services: []wire.Service{{Name: "web", Port: 80}}}
+	t2 := BuildTable(&wire.Netmap{SSHOnly: []wire.Peer{other, cam}}, "example.com")
+	if again, _ := t2.Lookup("cam1.example.com"); again.Addr != web.Addr {
+		t.Fatalf("address moved from %v to %v", web.Addr, again.Addr)
+	}
+	// A peer with role ssh in the WireGuard peer list is not routed.
+	if BuildTable(&wire.Netmap{Peers: []wire.Peer{cam}}, "example.com").Len() != 0 {
+		t.Fatal("an ssh peer among WireGuard peers was routed")
+	}
+}

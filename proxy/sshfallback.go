@@ -95,6 +95,11 @@ func (f *sshFallback) setNetmap(nm *wire.Netmap) {
 			nodes[peer.Name] = slices.Clone(peer.Services)
 		}
 	}
+	for _, peer := range nm.SSHOnly {
+		if peer.Role == wire.RoleSSH {
+			nodes[peer.Name] = slices.Clone(peer.Services)
+		}
+	}
 	f.nodes.Store(&nodes)
 	for _, fw := range f.srv.Forwards() {
 		if _, ok := nodes[fw.Node]; !ok {
@@ -133,13 +138,20 @@ func (f *sshFallback) wireGuardUp(p *Proxy, node string) bool {
 func (p *Proxy) dial(ctx context.Context, network, addr string) (net.Conn, error) {
 	if f := p.ssh; f != nil {
 		if ap, err := netip.ParseAddrPort(addr); err == nil {
-			if rt, ok := p.table.Load().RouteFor(ap); ok && f.hasForward(rt.Node, rt.Service) && !f.wireGuardUp(p, rt.Node) {
+			rt, ok := p.table.Load().RouteFor(ap)
+			if ok && (rt.SSHOnly || f.hasForward(rt.Node, rt.Service) && !f.wireGuardUp(p, rt.Node)) {
 				return f.srv.Dial(ctx, rt.Node, rt.Service)
 			}
 		}
 	}
+	if ap, err := netip.ParseAddrPort(addr); err == nil && placeholders.Contains(ap.Addr()) {
+		return nil, fmt.Errorf("%s: an SSH-only node is reached only through its SSH tunnel", addr)
+	}
 	return p.agent.DialContext(ctx, network, addr)
 }
+
+// placeholders holds SSH-only nodes' route addresses: never dialed.
+var placeholders = netip.MustParsePrefix("240.0.0.0/4")
 
 // SSHAddr is the SSH fallback's listening address (nil without one).
 func (p *Proxy) SSHAddr() net.Addr {
