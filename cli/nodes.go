@@ -14,6 +14,7 @@ func nodesCommand() *cli.Command {
 		Name:  "nodes",
 		Usage: "list, revoke and rename nodes; make their services public or private",
 		Subcommands: []*cli.Command{
+			addSSHCommand(),
 			{
 				Name:  "list",
 				Usage: "list nodes with their addresses and state",

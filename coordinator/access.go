@@ -168,6 +168,10 @@ func (s *Server) adminSetVisibility(w http.ResponseWriter, r *http.Request, acto
 			return &apiError{status: http.StatusNotFound, code: wire.CodeNotFound, cause: err,
 				msg: fmt.Sprintf("no active node %q (see meshctl nodes list)", req.Node)}
 		}
+		if errors.Is(err, store.ErrSSHOnly) {
+			return &apiError{status: http.StatusBadRequest, code: wire.CodeBadRequest, cause: err,
+				msg: fmt.Sprintf("SSH-only node %q was not certified for service %q: add it with meshctl nodes add-ssh first", req.Node, req.Service)}
+		}
 		return err
 	}
 	s.state.apply(n.ID, peerOf(&n))

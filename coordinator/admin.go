@@ -2,6 +2,7 @@ package coordinator
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/http"
 	"os"
@@ -30,6 +31,7 @@ func (s *Server) adminRoutes(mux *http.ServeMux, auth adminAuth) {
 	mux.Handle("GET "+wire.PathAdminNodes, auth(s.adminListNodes))
 	mux.Handle("POST "+wire.PathAdminNodeRevoke, auth(s.adminRevokeNode))
 	mux.Handle("POST "+wire.PathAdminNodeRename, auth(s.adminRenameNode))
+	mux.Handle("POST "+wire.PathAdminNodeAddSSH, auth(s.adminAddSSH))
 	mux.Handle("GET "+wire.PathAdminAudit, auth(s.adminAudit))
 	mux.Handle("GET "+wire.PathAdminKeys, auth(s.adminListKeys))
 	mux.Handle("POST "+wire.PathAdminKeys, auth(s.adminCreateKey))
@@ -247,6 +249,10 @@ func (s *Server) adminRenameNode(w http.ResponseWriter, r *http.Request, actor s
 		return errf(http.StatusBadRequest, wire.CodeBadRequest, "%v", err)
 	}
 	n, err := s.opts.Store.RenameNode(r.Context(), req.Name, req.NewName, s.opts.Now(), actor)
+	if errors.Is(err, store.ErrSSHOnly) {
+		return &apiError{status: http.StatusBadRequest, code: wire.CodeBadRequest, cause: err,
+			msg: fmt.Sprintf("%q is an SSH-only node, and its SSH certificate names it: revoke it (meshctl nodes revoke) and add it again under the new name (meshctl nodes add-ssh)", req.Name)}
+	}
 	if err != nil {
 		return err
 	}

@@ -156,7 +156,7 @@ func (s *Server) wireNode(n *store.Node) wire.Node {
 		Endpoints:    nonNil(p.Endpoints),
 		Created:      n.Created.UTC(),
 		LastSeen:     timePtr(s.seen.lastSeen(n.ID, n.LastSeen)),
-		Online:       !n.Revoked() && s.seen.online(n.ID),
+		Online:       !n.Revoked() && n.Role != wire.RoleSSH && s.seen.online(n.ID),
 		Revoked:      n.Revoked(),
 		RevokedAt:    timePtr(n.RevokedAt),
 	}

@@ -57,6 +57,8 @@ func toAPIError(err error) *apiError {
 		return &apiError{status: http.StatusConflict, code: wire.CodeBadRequest, msg: "that name is also another node's id; name the node by its id instead (see meshctl nodes list)", cause: err}
 	case errors.Is(err, store.ErrNotFound):
 		return &apiError{status: http.StatusNotFound, code: wire.CodeNotFound, msg: "not found", cause: err}
+	case errors.Is(err, store.ErrSSHOnly):
+		return &apiError{status: http.StatusBadRequest, code: wire.CodeBadRequest, msg: "not possible for an SSH-only node", cause: err}
 	case errors.Is(err, store.ErrRevoked):
 		return &apiError{status: http.StatusForbidden, code: wire.CodeRevoked, msg: "this node has been revoked", cause: err}
 	}

@@ -3,6 +3,7 @@ package coordinator
 import (
 	"cmp"
 	"encoding/json"
+	"maps"
 	"net/netip"
 	"slices"
 	"sync"
@@ -22,6 +23,11 @@ type snapshot struct {
 	byID    map[string]*wire.Peer
 	byName  map[string]*wire.Peer
 	sorted  []*wire.Peer // by name
+	// sshByID and sshSorted (by name) hold the active SSH-only nodes. They
+	// are never WireGuard peers (no key, no address); only proxies'
+	// netmaps carry them, in SSHOnly.
+	sshByID   map[string]*wire.Peer
+	sshSorted []*wire.Peer
 	// accessRevoked lists the access keys revoked before they expired,
 	// sorted by id. Only proxies' netmaps carry it, without the entries
 	// that have expired since (pruned when rendering).
@@ -57,34 +63,51 @@ type netmapState struct {
 func newNetmapState(nodes []store.Node, revoked []revokedAccess, now time.Time) *netmapState {
 	s := &netmapState{changed: make(chan struct{})}
 	byID := make(map[string]*wire.Peer, len(nodes))
+	sshByID := map[string]*wire.Peer{}
 	for i := range nodes {
-		if !nodes[i].Revoked() {
-			byID[nodes[i].ID] = peerOf(&nodes[i])
+		if nodes[i].Revoked() {
+			continue
+		}
+		if p := peerOf(&nodes[i]); p.Role == wire.RoleSSH {
+			sshByID[p.ID] = p
+		} else {
+			byID[p.ID] = p
 		}
 	}
-	s.snap.Store(newSnapshot(uint64(now.UnixNano()), byID, revoked))
+	s.snap.Store(newSnapshot(uint64(now.UnixNano()), byID, sshByID, revoked))
 	return s
 }
 
-func newSnapshot(version uint64, byID map[string]*wire.Peer, revoked []revokedAccess) *snapshot {
+func newSnapshot(version uint64, byID, sshByID map[string]*wire.Peer, revoked []revokedAccess) *snapshot {
 	sorted := make([]*wire.Peer, 0, len(byID))
-	byName := make(map[string]*wire.Peer, len(byID))
+	byName := make(map[string]*wire.Peer, len(byID)+len(sshByID))
 	for _, p := range byID {
 		sorted = append(sorted, p)
 		byName[p.Name] = p
 	}
-	slices.SortFunc(sorted, func(a, b *wire.Peer) int { return cmp.Compare(a.Name, b.Name) })
-	return &snapshot{version: version, byID: byID, byName: byName, sorted: sorted, accessRevoked: revoked}
+	sshSorted := make([]*wire.Peer, 0, len(sshByID))
+	for _, p := range sshByID {
+		sshSorted = append(sshSorted, p)
+		byName[p.Name] = p
+	}
+	byName2 := func(a, b *wire.Peer) int { return cmp.Compare(a.Name, b.Name) }
+	slices.SortFunc(sorted, byName2)
+	slices.SortFunc(sshSorted, byName2)
+	return &snapshot{version: version, byID: byID, byName: byName, sorted: sorted,
+		sshByID: sshByID, sshSorted: sshSorted, accessRevoked: revoked}
 }
 
-// lookup returns the active node named nameOrID, or else the active node
-// with that id. Names win: a name that is also another node's id names
-// the node with that name.
+// lookup returns the active node (SSH-only ones included) named nameOrID,
+// or else the active node with that id. Names win: a name that is also
+// another node's id names the node with that name.
 func (snap *snapshot) lookup(nameOrID string) (*wire.Peer, bool) {
 	if p, ok := snap.byName[nameOrID]; ok {
 		return p, true
 	}
-	p, ok := snap.byID[nameOrID]
+	if p, ok := snap.byID[nameOrID]; ok {
+		return p, true
+	}
+	p, ok := snap.sshByID[nameOrID]
 	return p, ok
 }
 
@@ -103,21 +126,26 @@ func (s *netmapState) wait(snap *snapshot) <-chan struct{} {
 }
 
 // apply publishes a new snapshot in which the node with id is replaced by
-// p (p == nil removes it), then wakes every waiter.
+// p (p == nil removes it), then wakes every waiter. SSH-only nodes (role
+// ssh) go to the SSH-only index, never among the WireGuard peers.
 func (s *netmapState) apply(id string, p *wire.Peer) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	old := s.snap.Load()
-	byID := make(map[string]*wire.Peer, len(old.byID)+1)
-	for k, v := range old.byID {
-		byID[k] = v
+	byID, sshByID := maps.Clone(old.byID), maps.Clone(old.sshByID)
+	if sshByID == nil {
+		sshByID = map[string]*wire.Peer{}
 	}
-	if p == nil {
-		delete(byID, id)
-	} else {
+	delete(byID, id)
+	delete(sshByID, id)
+	switch {
+	case p == nil:
+	case p.Role == wire.RoleSSH:
+		sshByID[id] = p
+	default:
 		byID[id] = p
 	}
-	s.publish(newSnapshot(old.version+1, byID, old.accessRevoked))
+	s.publish(newSnapshot(old.version+1, byID, sshByID, old.accessRevoked))
 }
 
 // setAccessRevoked publishes a new snapshot with the same nodes and l as
@@ -165,6 +193,12 @@ func (snap *snapshot) netmapFor(id string, o *Options, ipv6Pool netip.Prefix) (w
 			nm.Peers = append(nm.Peers, *p)
 		}
 	}
+	if self.Role == wire.RoleProxy && len(snap.sshSorted) > 0 {
+		nm.SSHOnly = make([]wire.Peer, 0, len(snap.sshSorted))
+		for _, p := range snap.sshSorted {
+			nm.SSHOnly = append(nm.SSHOnly, *p)
+		}
+	}
 	if self.Role == wire.RoleProxy && len(snap.accessRevoked) > 0 {
 		now := o.Now()
 		for _, r := range snap.accessRevoked {
@@ -202,15 +236,26 @@ func peerOf(n *store.Node) *wire.Peer {
 			svcs[i].Public = public
 		}
 	}
+	if n.Role == wire.RoleSSH { // no WireGuard key, addresses, endpoints or tags
+		return &wire.Peer{ID: n.ID, Name: n.Name, Role: n.Role, Services: svcs}
+	}
 	return &wire.Peer{
 		ID:           n.ID,
 		Name:         n.Name,
 		Role:         n.Role,
 		WireGuardKey: n.WireGuardKey,
-		IPv4:         n.IPv4.String(),
-		IPv6:         n.IPv6.String(),
+		IPv4:         addrString(n.IPv4),
+		IPv6:         addrString(n.IPv6),
 		Endpoints:    slices.Clone(n.Endpoints),
 		Services:     svcs,
 		Tags:         slices.Clone(n.Tags),
 	}
+}
+
+// addrString renders an address, "" for the zero one.
+func addrString(a netip.Addr) string {
+	if !a.IsValid() {
+		return ""
+	}
+	return a.String()
 }

@@ -80,3 +80,89 @@ func TestStockOpenSSHFallback(t *testing.T) {
 		t.Fatalf("revoked node: %d, want 404", code)
 	}
 }
+
+// TestSSHOnlyNode: a device with only OpenSSH (no meshctl at all) is added
+// by an admin with `meshctl nodes add-ssh`, and reachable through the proxy
+// with the command it prints; revocation ends it.
+func TestSSHOnlyNode(t *testing.T) {
+	needBinary(t)
+	for _, tool := range []string{"ssh", "ssh-keygen"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			if os.Getenv("CI") == "true" {
+				t.Fatalf("%s (openssh-client) is missing; .ci/run installs it", tool)
+			}
+			t.Skipf("%s not installed", tool)
+		}
+	}
+	dir := meshtest.ShortTempDir(t)
+	srv := startServer(t, filepath.Join(dir, "d"), freePort(t))
+	dev := filepath.Join(dir, "dev")
+	os.MkdirAll(dev, 0o700)
+	key := filepath.Join(dev, "id_ed25519")
+	if out, err := exec.Command("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "cam1", "-f", key).CombinedOutput(); err != nil {
+		t.Fatalf("ssh-keygen: %v\n%s", err, out)
+	}
+	out := mustOK(t, nil, "nodes", "add-ssh", "--data-dir", srv.dataDir, "--ssh-pubkey", key+".pub", "--service", "web", "cam1").stdout
+	lines := strings.Split(out, "\n")
+	var cert, kh, cmdline string
+	for _, l := range lines {
+		switch {
+		case strings.HasPrefix(l, "ssh-ed25519-cert-v01@openssh.com "):
+			cert = l
+		case strings.HasPrefix(l, "@cert-authority "):
+			kh = l
+		case strings.HasPrefix(strings.TrimSpace(l), "ssh -i "):
+			cmdline = strings.TrimSpace(l)
+		}
+	}
+	if cert == "" || kh == "" || cmdline == "" {
+		t.Fatalf("add-ssh output lacks the certificate, known_hosts line or command:\n%s", out)
+	}
+	os.WriteFile(key+"-cert.pub", []byte(cert+"\n"), 0o600)
+	os.WriteFile(filepath.Join(dev, "known_hosts"), []byte(kh+"\n"), 0o600)
+	mustOK(t, nil, "nodes", "set-public", "--data-dir", srv.dataDir, "cam1", "web")
+	list := mustOK(t, nil, "nodes", "list", "--data-dir", srv.dataDir, "--json").stdout
+	if !strings.Contains(list, `"cam1"`) || !strings.Contains(list, `"ssh"`) {
+		t.Fatalf("nodes list lacks the SSH-only node:\n%s", list)
+	}
+
+	backend := strings.TrimPrefix(startBackend(t, "hello from cam1"), "http://")
+	cmdline = strings.Replace(cmdline, "localhost:80 ", backend+" ", 1)
+	args := append([]string{"-F", "none", "-o", "BatchMode=yes"}, strings.Fields(cmdline)[1:]...)
+	ssh := exec.Command("ssh", args...)
+	ssh.Dir = dev // the command names known_hosts relative to the device's directory
+	var stderr strings.Builder
+	ssh.Stderr = &stderr
+	if err := ssh.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ssh.Process.Kill(); ssh.Wait() })
+
+	client := &http.Client{Timeout: 5 * time.Second}
+	get := func() (int, string) {
+		req, _ := http.NewRequest(http.MethodGet, "http://"+srv.http+"/", nil)
+		req.Host = "cam1.localhost"
+		resp, err := client.Do(req)
+		if err != nil {
+			return 0, err.Error()
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	eventually(t, 20*time.Second, "cam1 served through stock ssh", func() bool {
+		code, body := get()
+		return code == 200 && body == "hello from cam1"
+	})
+	mustOK(t, nil, "nodes", "revoke", "--data-dir", srv.dataDir, "cam1")
+	exited := make(chan error, 1)
+	go func() { exited <- ssh.Wait() }()
+	select {
+	case <-exited:
+	case <-time.After(10 * time.Second):
+		t.Fatalf("ssh still connected after revocation; stderr:\n%s", stderr.String())
+	}
+	if code, _ := get(); code != http.StatusNotFound {
+		t.Fatalf("revoked SSH-only node: %d, want 404", code)
+	}
+}

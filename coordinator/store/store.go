@@ -23,7 +23,14 @@ var (
 	ErrPoolExhausted = errors.New("address pool exhausted")
 	ErrRevoked       = errors.New("revoked")
 	ErrAmbiguous     = errors.New("ambiguous node reference") // a name that is also another node's id
+	// ErrSSHOnly refuses an operation that SSH-only nodes do not support
+	// (RenameNode: their certificate names them; SetServiceVisibility of a
+	// service they were not certified for).
+	ErrSSHOnly = errors.New("not possible for an SSH-only node")
 )
+
+// RoleSSH is the Role of SSH-only nodes (the same string as wire.RoleSSH).
+const RoleSSH = "ssh"
 
 // Token is an enrollment token. Only the SHA-256 hash of its secret is kept.
 type Token struct {
@@ -40,6 +47,12 @@ type Token struct {
 }
 
 // Node is an enrolled node. Revoked nodes stay (for audit and IP quarantine).
+//
+// SSH-only nodes (Role RoleSSH, see AddSSHNode) are Nodes too, with zero
+// IPv4 and IPv6 (netip.Addr{}), empty WireGuardKey and TokenID, empty Tags
+// and Endpoints, zero LastSeen, and the services the admin certified them
+// for in ServicesJSON (their public flags included; Visibility is always
+// empty for them).
 type Node struct {
 	ID           string
 	Name         string
@@ -60,6 +73,9 @@ type Node struct {
 	// node does not publish are kept and take effect when it does. Never
 	// nil in what a Store returns.
 	Visibility map[string]bool
+	// SSHKey is an SSH-only node's certified public key (authorized_keys
+	// format); empty for other nodes.
+	SSHKey string
 }
 
 // Revoked reports whether the node has been revoked.
@@ -130,7 +146,21 @@ type EnrollParams struct {
 	Actor string // for the audit row
 }
 
+// SSHNodeParams adds or re-certifies an SSH-only node (see AddSSHNode).
+type SSHNodeParams struct {
+	NodeID       string // id of a new node; unused when re-certifying
+	Name         string
+	ServicesJSON string // JSON array of wire.Service
+	SSHKey       string // authorized_keys line
+	Now          time.Time
+	Actor        string // for the audit row
+}
+
 // Store is the coordinator's persistent state.
+//
+// Node names are unique among the active nodes, SSH-only ones included:
+// Enroll, RenameNode and AddSSHNode all refuse (ErrNameTaken) a name held
+// by any active node.
 type Store interface {
 	// Tokens.
 	CreateToken(ctx context.Context, t Token, actor string) error
@@ -142,7 +172,16 @@ type Store interface {
 	// Errors: ErrTokenInvalid, ErrNameTaken, ErrKeyTaken, ErrPoolExhausted.
 	Enroll(ctx context.Context, p EnrollParams) (Node, error)
 
-	// Nodes.
+	// AddSSHNode adds an SSH-only node, in one write transaction: if an
+	// active enrolled (WireGuard) node has the name, ErrNameTaken; if an
+	// active SSH-only node has it, its SSH key and services are replaced
+	// ("re-certified", audit "node.ssh-recertify"; it keeps its id and
+	// creation time, and the public flags of the services it keeps) and
+	// created is false; else a node with p.NodeID is inserted (audit
+	// "node.add-ssh") and created is true. Returns the node (see Node).
+	AddSSHNode(ctx context.Context, p SSHNodeParams) (n Node, created bool, err error)
+
+	// Nodes. GetNode, ListNodes and RevokeNode cover SSH-only nodes too.
 	GetNode(ctx context.Context, id string) (Node, error)
 	// ListNodes returns all nodes, revoked ones included, ordered by creation.
 	ListNodes(ctx context.Context) ([]Node, error)
@@ -151,12 +190,15 @@ type Store interface {
 	// node matches; ErrAmbiguous if the string is one active node's name
 	// and another's id.
 	RevokeNode(ctx context.Context, nameOrID string, now time.Time, actor string) (Node, error)
-	// RenameNode renames an active node. ErrNotFound, ErrNameTaken.
+	// RenameNode renames an active node. ErrNotFound, ErrNameTaken, and
+	// ErrSSHOnly for an SSH-only node (its certificate names it: revoke it
+	// and add it again under the new name).
 	RenameNode(ctx context.Context, nameOrID, newName string, now time.Time, actor string) (Node, error)
 	// UpdateNode sets services and/or endpoints (nil = unchanged) of an
-	// active node. ErrNotFound, ErrRevoked.
+	// active node. ErrNotFound (also for SSH-only nodes), ErrRevoked.
 	UpdateNode(ctx context.Context, id string, servicesJSON *string, endpoints *[]string) (Node, error)
-	// TouchNode records that the node was seen at t.
+	// TouchNode records that the node was seen at t. ErrNotFound for
+	// unknown and SSH-only nodes.
 	TouchNode(ctx context.Context, id string, t time.Time) error
 
 	// Admin keys.
@@ -183,6 +225,10 @@ type Store interface {
 	// same transaction, and returns the updated node. The service need not
 	// be published (yet). ErrNotFound if no active node matches,
 	// ErrAmbiguous as for RevokeNode.
+	//
+	// For an SSH-only node the public flag of the service in its
+	// ServicesJSON is set instead (its Visibility stays empty); a service
+	// it was not certified for is refused with ErrSSHOnly.
 	SetServiceVisibility(ctx context.Context, nodeNameOrID, service string, public bool, now time.Time, actor string) (Node, error)
 
 	// Audit log. Store methods that take an actor write their own rows;

@@ -88,8 +88,19 @@ func (s *Store) SetServiceVisibility(ctx context.Context, nodeNameOrID, service 
 	}
 	var n store.Node
 	err := s.write(ctx, func(tx *sql.Tx) error {
-		old, err := findActive(ctx, tx, nodeNameOrID)
+		old, err := findActiveAny(ctx, tx, nodeNameOrID)
 		if err != nil {
+			return err
+		}
+		if old.Role == store.RoleSSH {
+			if err := setSSHVisibility(ctx, tx, old, service, public); err != nil {
+				return err
+			}
+			if err := insertAudit(ctx, tx, auditTime(now), actor, "service.visibility", old.Name,
+				fmt.Sprintf("service=%s public=%t", service, public)); err != nil {
+				return err
+			}
+			n, err = getSSHNode(ctx, tx, old.ID)
 			return err
 		}
 		if _, err := tx.ExecContext(ctx, `INSERT INTO service_visibility (node_id, service, public) VALUES (?, ?, ?)

@@ -20,6 +20,7 @@ func TestUpgradeFrom0001(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, q := range []string{
+		`DROP TABLE ssh_nodes`,
 		`DROP TABLE service_visibility`,
 		`DROP TABLE access_keys`,
 		`DELETE FROM schema_migrations WHERE version >= 2`,

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"time"
 
 	"github.com/meshctl/meshctl/coordinator/ipam"
@@ -83,11 +84,16 @@ func (s *Store) enroll(ctx context.Context, tx *sql.Tx, p store.EnrollParams) (s
 		return none, fmt.Errorf("token %s is expired, revoked or used up: %w", tok.ID, store.ErrTokenInvalid)
 	}
 
-	// Name and key.
-	if taken, err := exists(ctx, tx, `SELECT 1 FROM nodes WHERE name = ? AND revoked_at IS NULL`, p.Name); err != nil {
+	// Name (among active nodes, SSH-only ones included), id and key.
+	if taken, err := activeNameTaken(ctx, tx, p.Name); err != nil {
 		return none, fmt.Errorf("check name: %w", err)
 	} else if taken {
 		return none, store.ErrNameTaken
+	}
+	if taken, err := exists(ctx, tx, `SELECT 1 FROM ssh_nodes WHERE id = ?`, p.NodeID); err != nil {
+		return none, fmt.Errorf("check id: %w", err)
+	} else if taken {
+		return none, errors.New("insert node: node id already exists")
 	}
 	if taken, err := exists(ctx, tx, `SELECT 1 FROM nodes WHERE wg_key = ?`, p.WireGuardKey); err != nil {
 		return none, fmt.Errorf("check key: %w", err)
@@ -218,12 +224,16 @@ func getNode(ctx context.Context, q queryRower, id string) (store.Node, error) {
 	return n, nil
 }
 
-// GetNode returns the node with this id, revoked or not.
+// GetNode returns the node (enrolled or SSH-only) with this id, revoked or
+// not.
 func (s *Store) GetNode(ctx context.Context, id string) (store.Node, error) {
 	var n store.Node
 	err := s.read(ctx, func(tx *sql.Tx) error {
 		var err error
 		n, err = getNode(ctx, tx, id)
+		if errors.Is(err, store.ErrNotFound) {
+			n, err = getSSHNode(ctx, tx, id)
+		}
 		return err
 	})
 	return n, err
@@ -246,6 +256,14 @@ func (s *Store) ListNodes(ctx context.Context) ([]store.Node, error) {
 				l[i].Visibility = map[string]bool{}
 			}
 		}
+		sl, err := queryAll(ctx, tx, scanSSHNode, `SELECT `+sshNodeCols+` FROM ssh_nodes ORDER BY created, rowid`)
+		if err != nil {
+			return err
+		}
+		if len(sl) > 0 {
+			l = append(l, sl...)
+			slices.SortStableFunc(l, func(a, b store.Node) int { return a.Created.Compare(b.Created) })
+		}
 		return nil
 	})
 	if err != nil {
@@ -254,29 +272,8 @@ func (s *Store) ListNodes(ctx context.Context) ([]store.Node, error) {
 	return l, nil
 }
 
-// findActive returns the active node whose name or id is nameOrID. A string
-// that is one active node's name and another's id is refused as ambiguous
-// rather than guessed at.
-func findActive(ctx context.Context, tx *sql.Tx, nameOrID string) (store.Node, error) {
-	l, err := queryAll(ctx, tx, scanNode, `SELECT `+nodeCols+` FROM nodes
-		WHERE revoked_at IS NULL AND (name = ? OR id = ?)`, nameOrID, nameOrID)
-	switch {
-	case err != nil:
-		return store.Node{}, fmt.Errorf("find node: %w", err)
-	case len(l) == 0:
-		return store.Node{}, fmt.Errorf("no active node %q: %w", nameOrID, store.ErrNotFound)
-	case len(l) > 1:
-		return store.Node{}, fmt.Errorf("%w: %q is the name of one node and the id of another (%s, %s)",
-			store.ErrAmbiguous, nameOrID, l[0].ID, l[1].ID)
-	}
-	n := l[0]
-	if n.Visibility, err = nodeVisibility(ctx, tx, n.ID); err != nil {
-		return store.Node{}, fmt.Errorf("find node: %w", err)
-	}
-	return n, nil
-}
-
-// RevokeNode revokes the active node with this name or id.
+// RevokeNode revokes the active node (enrolled or SSH-only) with this name
+// or id.
 func (s *Store) RevokeNode(ctx context.Context, nameOrID string, now time.Time, actor string) (store.Node, error) {
 	if now.IsZero() {
 		return store.Node{}, fmt.Errorf("revoke node %q: zero time", nameOrID)
@@ -286,8 +283,12 @@ func (s *Store) RevokeNode(ctx context.Context, nameOrID string, now time.Time, 
 	}
 	var n store.Node
 	err := s.write(ctx, func(tx *sql.Tx) error {
-		old, err := findActive(ctx, tx, nameOrID)
+		old, err := findActiveAny(ctx, tx, nameOrID)
 		if err != nil {
+			return err
+		}
+		if old.Role == store.RoleSSH {
+			n, err = revokeSSHNode(ctx, tx, old, now, actor)
 			return err
 		}
 		if _, err := tx.ExecContext(ctx, `UPDATE nodes SET revoked_at = ? WHERE id = ?`, now.UnixNano(), old.ID); err != nil {
@@ -307,22 +308,27 @@ func (s *Store) RevokeNode(ctx context.Context, nameOrID string, now time.Time, 
 }
 
 // RenameNode renames an active node. Renaming a node to its own name
-// changes nothing and writes no audit row.
+// changes nothing and writes no audit row. SSH-only nodes are refused with
+// ErrSSHOnly: their certificate names them.
 func (s *Store) RenameNode(ctx context.Context, nameOrID, newName string, now time.Time, actor string) (store.Node, error) {
 	if newName == "" {
 		return store.Node{}, fmt.Errorf("rename node %q: empty new name", nameOrID)
 	}
 	var n store.Node
 	err := s.write(ctx, func(tx *sql.Tx) error {
-		old, err := findActive(ctx, tx, nameOrID)
+		old, err := findActiveAny(ctx, tx, nameOrID)
 		if err != nil {
 			return err
+		}
+		if old.Role == store.RoleSSH {
+			return fmt.Errorf("%s is an SSH-only node, whose certificate names it (revoke it and add it again under the new name): %w",
+				old.Name, store.ErrSSHOnly)
 		}
 		if old.Name == newName {
 			n = old
 			return nil
 		}
-		taken, err := exists(ctx, tx, `SELECT 1 FROM nodes WHERE name = ? AND revoked_at IS NULL`, newName)
+		taken, err := activeNameTaken(ctx, tx, newName)
 		if err != nil {
 			return fmt.Errorf("check name: %w", err)
 		}

@@ -78,6 +78,11 @@ func Run(t *testing.T, open OpenFunc) {
 		{"AccessKeys", testAccessKeys},
 		{"ServiceVisibility", testServiceVisibility},
 		{"AccessDurableAcrossReopen", testAccessDurable},
+
+		// SSH-only nodes.
+		{"AddSSHNode", testAddSSHNode},
+		{"FailedAddSSHNodeWritesNothing", testFailedAddSSHWritesNothing},
+		{"SSHNodesDurableAcrossReopen", testSSHDurable},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
