@@ -10,12 +10,15 @@ import (
 	"os/signal"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 
 	"github.com/meshctl/meshctl/node"
+	"github.com/meshctl/meshctl/pki"
 	"github.com/meshctl/meshctl/proxy"
 	"github.com/meshctl/meshctl/wire"
 	"github.com/urfave/cli/v2"
+	"golang.org/x/crypto/ssh"
 )
 
 // Defaults of the proxy's listeners.
@@ -69,8 +72,10 @@ Example:
 				&cli.StringFlag{Name: "token", EnvVars: env("token"), Usage: "proxy enrollment token (first start only)"},
 				&cli.StringFlag{Name: "token-file", EnvVars: env("token-file"), Usage: "read the token from this file"},
 				&cli.StringFlag{Name: "ca-pin", EnvVars: env("ca-pin"), Usage: "the coordinator CA's pin (first start only)"},
-				&cli.StringFlag{Name: "name", Value: "proxy", EnvVars: env("name"), Usage: "the proxy's name in the mesh (first start only)"},
+				&cli.StringFlag{Name: "name", EnvVars: env("name"), Usage: "the proxy's name in the mesh (first start only; default proxy-HOSTNAME)"},
 				&cli.StringFlag{Name: "state-dir", Value: "/var/lib/meshctl-proxy", EnvVars: env("state-dir"), Usage: "the proxy's state dir"},
+				&cli.StringFlag{Name: "ssh-listen", Value: ":2222", EnvVars: env("ssh-listen"), Usage: "SSH reverse-tunnel fallback for nodes whose UDP is blocked (\"\" = off)"},
+				&cli.StringSliceFlag{Name: "ssh-host", EnvVars: env("ssh-host"), Usage: "a name or address nodes use to reach the SSH fallback; its host certificate names it (repeatable; default: the --ssh-listen host, localhost and 127.0.0.1)"},
 			}, proxyFlags()...), logFlags()...),
 			Action: runProxyServe,
 		}},
@@ -94,9 +99,20 @@ func runProxyServe(c *cli.Context) error {
 		if token == "" {
 			return usageError("%s is not enrolled yet: pass --coordinator, --token (from meshctl token create --role proxy) and --ca-pin", dir)
 		}
+		name := c.String("name")
+		if name == "" {
+			host, err := defaultNodeName()
+			if err != nil {
+				return err
+			}
+			name = "proxy-" + host
+			if len(name) > 63 {
+				name = strings.TrimRight(name[:63], "-")
+			}
+		}
 		st, _, err := node.Enroll(c.Context, node.EnrollOptions{
 			Coordinator: c.String("coordinator"), Token: token, CAPin: c.String("ca-pin"),
-			Name: c.String("name"), StateDir: dir, Role: wire.RoleProxy,
+			Name: name, StateDir: dir, Role: wire.RoleProxy,
 		})
 		if err != nil {
 			return err
@@ -105,7 +121,13 @@ func runProxyServe(c *cli.Context) error {
 	} else if err != nil {
 		return err
 	}
-	px, err := startProxy(c, dir, "", nil, nil, log)
+	var sshOpts *proxy.SSHOptions
+	if l := c.String("ssh-listen"); l != "" {
+		if sshOpts, err = standaloneSSH(c, dir, l); err != nil {
+			return err
+		}
+	}
+	px, err := startProxy(c, dir, "", nil, sshOpts, log)
 	if err != nil {
 		return err
 	}
@@ -242,3 +264,60 @@ func tokenFromFlags(c *cli.Context) (string, error) {
 
 // proxyStateDir is where the all-in-one server keeps its proxy's identity.
 func proxyStateDir(dataDir string) string { return filepath.Join(dataDir, "proxy") }
+
+// standaloneSSH prepares a standalone proxy's SSH fallback: a host key kept
+// in its state dir, certified at every start by the coordinator (the proxy
+// asks over its mTLS identity), and the coordinator's SSH CA, from
+// enrollment, to check nodes' certificates.
+func standaloneSSH(c *cli.Context, dir, listen string) (*proxy.SSHOptions, error) {
+	host, _, err := net.SplitHostPort(listen)
+	if err != nil {
+		return nil, usageError("--ssh-listen %q must be [HOST]:PORT, e.g. :2222", listen)
+	}
+	principals := fieldsOf(c.StringSlice("ssh-host"))
+	if len(principals) == 0 {
+		principals = []string{"localhost", "127.0.0.1"}
+		if host != "" && host != "0.0.0.0" && host != "::" {
+			principals = append(principals, host)
+		}
+	}
+	st, err := node.LoadState(dir)
+	if err != nil {
+		return nil, err
+	}
+	if st.SSHCA == "" {
+		return nil, fmt.Errorf("%s has no SSH CA (enrolled before the SSH fallback existed): enroll the proxy again, or pass --ssh-listen \"\"", dir)
+	}
+	userCA, _, _, _, err := ssh.ParseAuthorizedKey([]byte(st.SSHCA))
+	if err != nil {
+		return nil, fmt.Errorf("ssh_ca in %s: %w", dir, err)
+	}
+	hostKey, err := pki.LoadOrCreateSSHKey(filepath.Join(dir, "ssh_host_ed25519_key"))
+	if err != nil {
+		return nil, fmt.Errorf("SSH host key: %w", err)
+	}
+	cl, err := node.NewClient(dir)
+	if err != nil {
+		return nil, err
+	}
+	defer cl.Close()
+	resp, err := cl.RequestSSHHostCert(c.Context, wire.SSHHostCertRequest{
+		HostKey: string(ssh.MarshalAuthorizedKey(hostKey.PublicKey())), Principals: principals,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("certify the SSH host key with the coordinator: %w", err)
+	}
+	pub, _, _, _, err := ssh.ParseAuthorizedKey([]byte(resp.Certificate))
+	if err != nil {
+		return nil, fmt.Errorf("SSH host certificate: %w", err)
+	}
+	cert, ok := pub.(*ssh.Certificate)
+	if !ok {
+		return nil, errors.New("coordinator sent no SSH host certificate")
+	}
+	signer, err := ssh.NewCertSigner(cert, hostKey)
+	if err != nil {
+		return nil, err
+	}
+	return &proxy.SSHOptions{Listen: listen, HostSigner: signer, UserCA: userCA}, nil
+}

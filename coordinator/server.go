@@ -379,6 +379,7 @@ func (s *Server) apiHandler() http.Handler {
 	mux.Handle("POST "+wire.PathUpdate, s.nodeAuth(s.handleUpdate))
 	mux.Handle("POST "+wire.PathRenew, s.nodeAuthGrace(s.handleRenew, true))
 	mux.Handle("POST "+wire.PathAccessCheck, s.nodeAuth(s.handleAccessCheck))
+	mux.Handle("POST "+wire.PathSSHHostCert, s.nodeAuth(s.handleSSHHostCert))
 	s.adminRoutes(mux, s.adminKeyAuth)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusNotFound, wire.Error{Code: wire.CodeNotFound, Message: "no such API endpoint: " + r.Method + " " + r.URL.Path})

@@ -166,3 +166,11 @@ func (c *Client) CheckAccessKey(ctx context.Context, req wire.AccessCheckRequest
 	}
 	return resp, nil
 }
+
+// RequestSSHHostCert asks the coordinator (as a proxy) to certify an SSH
+// host key for principals.
+func (c *Client) RequestSSHHostCert(ctx context.Context, req wire.SSHHostCertRequest) (wire.SSHHostCertResponse, error) {
+	var resp wire.SSHHostCertResponse
+	err := c.call(ctx, http.MethodPost, wire.PathSSHHostCert, req, &resp)
+	return resp, err
+}

@@ -39,6 +39,9 @@ const (
 	// PathAccessCheck is for proxies (mTLS, role proxy only): verify an
 	// access key a browser presented for a route.
 	PathAccessCheck = "/api/v1/proxy/access-check"
+	// PathSSHHostCert is for proxies (mTLS, role proxy only): certify the
+	// SSH fallback server's host key.
+	PathSSHHostCert = "/api/v1/proxy/ssh-host-cert"
 )
 
 // Error is the body of every non-2xx API response.
@@ -357,4 +360,17 @@ type AddSSHResponse struct {
 	SSHCA       string `json:"ssh_ca"`      // for the @cert-authority known_hosts line
 	ProxySSH    string `json:"proxy_ssh"`   // host:port of the proxy's SSH server, empty without one
 	Domain      string `json:"domain,omitempty"`
+}
+
+// SSHHostCertRequest asks the coordinator to certify a proxy's SSH host key
+// for the names nodes connect to.
+type SSHHostCertRequest struct {
+	HostKey    string   `json:"host_key"`   // authorized_keys line
+	Principals []string `json:"principals"` // host names or addresses
+}
+
+// SSHHostCertResponse carries the host certificate and the SSH CA.
+type SSHHostCertResponse struct {
+	Certificate string `json:"certificate"` // authorized_keys format
+	SSHCA       string `json:"ssh_ca"`
 }
