@@ -80,15 +80,8 @@ func nodesSetVisibility(c *cli.Context, public bool) error {
 	if err != nil {
 		return err
 	}
-	ac, err := newAdminClient(c)
-	if err != nil {
-		return err
-	}
 	var n wire.Node
-	if err := ac.call(c.Context, "POST", wire.PathAdminVisibility, wire.VisibilityRequest{Node: args[0], Service: args[1], Public: public}, &n); err != nil {
-		if wire.IsCode(err, wire.CodeNotFound) {
-			return fmt.Errorf("no active node named %q (see meshctl nodes list)", args[0])
-		}
+	if err := nodeCall(c, args[0], wire.PathAdminVisibility, wire.VisibilityRequest{Node: args[0], Service: args[1], Public: public}, &n); err != nil {
 		return err
 	}
 	w := c.App.Writer
@@ -160,15 +153,8 @@ func nodesRevoke(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	ac, err := newAdminClient(c)
-	if err != nil {
-		return err
-	}
 	var n wire.Node
-	if err := ac.call(c.Context, "POST", wire.PathAdminNodeRevoke, wire.NameRequest{Name: args[0]}, &n); err != nil {
-		if wire.IsCode(err, wire.CodeNotFound) {
-			return fmt.Errorf("no active node named %q (see meshctl nodes list)", args[0])
-		}
+	if err := nodeCall(c, args[0], wire.PathAdminNodeRevoke, wire.NameRequest{Name: args[0]}, &n); err != nil {
 		return err
 	}
 	fmt.Fprintf(c.App.Writer, "node %s (%s, %s) revoked\n", n.Name, n.ID, n.IPv4)
@@ -180,15 +166,8 @@ func nodesRename(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	ac, err := newAdminClient(c)
-	if err != nil {
-		return err
-	}
 	var n wire.Node
-	if err := ac.call(c.Context, "POST", wire.PathAdminNodeRename, wire.NameRequest{Name: args[0], NewName: args[1]}, &n); err != nil {
-		if wire.IsCode(err, wire.CodeNotFound) {
-			return fmt.Errorf("no active node named %q (see meshctl nodes list)", args[0])
-		}
+	if err := nodeCall(c, args[0], wire.PathAdminNodeRename, wire.NameRequest{Name: args[0], NewName: args[1]}, &n); err != nil {
 		return err
 	}
 	fmt.Fprintf(c.App.Writer, "node %s renamed to %s\n", args[0], n.Name)
@@ -200,4 +179,20 @@ func agoPtr(t *time.Time, now time.Time) string {
 		return "never"
 	}
 	return ago(*t, now)
+}
+
+// nodeCall sends an admin request about the node named name, turning "not
+// found" into a message that says where to look.
+func nodeCall(c *cli.Context, name, path string, in, out any) error {
+	ac, err := newAdminClient(c)
+	if err != nil {
+		return err
+	}
+	if err := ac.call(c.Context, "POST", path, in, out); err != nil {
+		if wire.IsCode(err, wire.CodeNotFound) {
+			return fmt.Errorf("no active node named %q (see meshctl nodes list)", name)
+		}
+		return err
+	}
+	return nil
 }

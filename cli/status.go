@@ -44,14 +44,7 @@ coordinator_reachable, services and peers (name, public_key, ipv4, ipv6,
 endpoint, last_handshake, rx_bytes, tx_bytes, path).`,
 		Flags: []cli.Flag{stateDirFlag(), jsonFlag()},
 		Action: func(c *cli.Context) error {
-			if err := noArgs(c); err != nil {
-				return err
-			}
-			cl, err := node.NewCtlClient(c.String("state-dir"))
-			if err != nil {
-				return err
-			}
-			st, err := cl.Status(c.Context)
+			st, err := agentStatus(c)
 			if err != nil {
 				return err
 			}
@@ -210,14 +203,7 @@ func wgCommand() *cli.Command {
 /var/run/wireguard (root), the stock ` + "`wg show`" + ` works too.`,
 			Flags: []cli.Flag{stateDirFlag()},
 			Action: func(c *cli.Context) error {
-				if err := noArgs(c); err != nil {
-					return err
-				}
-				cl, err := node.NewCtlClient(c.String("state-dir"))
-				if err != nil {
-					return err
-				}
-				st, err := cl.Status(c.Context)
+				st, err := agentStatus(c)
 				if err != nil {
 					return err
 				}
@@ -259,4 +245,17 @@ func readUAPI(path string) (wgconf.DeviceState, error) {
 		return wgconf.DeviceState{}, fmt.Errorf("read WireGuard UAPI socket: %w", err)
 	}
 	return wgconf.ParseGet(strings.NewReader(b.String()))
+}
+
+// agentStatus asks the agent of --state-dir for its status (commands
+// without positional arguments).
+func agentStatus(c *cli.Context) (node.Status, error) {
+	if err := noArgs(c); err != nil {
+		return node.Status{}, err
+	}
+	cl, err := node.NewCtlClient(c.String("state-dir"))
+	if err != nil {
+		return node.Status{}, err
+	}
+	return cl.Status(c.Context)
 }

@@ -40,45 +40,65 @@ func TestStockOpenSSHFallback(t *testing.T) {
 	if cmdline == "" || !strings.Contains(out, "@cert-authority [127.0.0.1]:") || !strings.Contains(cmdline, "-R pi1:80:"+backend) {
 		t.Fatalf("ssh-config output:\n%s", out)
 	}
-	args := strings.Fields(cmdline)[1:]
-	args = append([]string{"-F", "none", "-o", "BatchMode=yes"}, args...)
-	ssh := exec.Command("ssh", args...)
-	var stderr strings.Builder
-	ssh.Stderr = &stderr
-	if err := ssh.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ssh.Process.Kill(); ssh.Wait() })
-
-	client := &http.Client{Timeout: 5 * time.Second}
-	get := func() (int, string) {
-		req, _ := http.NewRequest(http.MethodGet, "http://"+srv.http+"/", nil)
-		req.Host = "pi1.localhost"
-		resp, err := client.Do(req)
-		if err != nil {
-			return 0, err.Error()
-		}
-		defer resp.Body.Close()
-		b, _ := io.ReadAll(resp.Body)
-		return resp.StatusCode, string(b)
-	}
+	ssh := startSSH(t, "", cmdline)
 	eventually(t, 20*time.Second, "pi1 served through the stock ssh tunnel", func() bool {
-		code, body := get()
+		code, body := proxyGet(srv, "pi1.localhost")
 		return code == 200 && body == "hello through ssh"
 	})
 
 	// Revoking the node closes the tunnel: ssh exits, the page is 404.
 	mustOK(t, nil, "nodes", "revoke", "--data-dir", srv.dataDir, "pi1")
-	exited := make(chan error, 1)
-	go func() { exited <- ssh.Wait() }()
-	select {
-	case <-exited:
-	case <-time.After(10 * time.Second):
-		t.Fatalf("ssh still connected after revocation; stderr:\n%s", stderr.String())
-	}
-	if code, _ := get(); code != http.StatusNotFound {
+	ssh.waitExit(t, 10*time.Second)
+	if code, _ := proxyGet(srv, "pi1.localhost"); code != http.StatusNotFound {
 		t.Fatalf("revoked node: %d, want 404", code)
 	}
+}
+
+// sshProc is a stock ssh client running a printed command.
+type sshProc struct {
+	cmd    *exec.Cmd
+	stderr *strings.Builder
+}
+
+// startSSH runs a printed `ssh …` command line (in dir, if set) with no
+// user config and no prompts; it is killed at cleanup.
+func startSSH(t *testing.T, dir, cmdline string) *sshProc {
+	t.Helper()
+	args := append([]string{"-F", "none", "-o", "BatchMode=yes"}, strings.Fields(cmdline)[1:]...)
+	p := &sshProc{cmd: exec.Command("ssh", args...), stderr: &strings.Builder{}}
+	p.cmd.Dir = dir
+	p.cmd.Stderr = p.stderr
+	if err := p.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.cmd.Process.Kill(); p.cmd.Wait() })
+	return p
+}
+
+// waitExit fails the test unless ssh exits within d.
+func (p *sshProc) waitExit(t *testing.T, d time.Duration) {
+	t.Helper()
+	exited := make(chan error, 1)
+	go func() { exited <- p.cmd.Wait() }()
+	select {
+	case <-exited:
+	case <-time.After(d):
+		t.Fatalf("ssh still connected; stderr:\n%s", p.stderr.String())
+	}
+}
+
+// proxyGet fetches / from the server's proxy with the Host header host.
+func proxyGet(srv *server, host string) (int, string) {
+	client := &http.Client{Timeout: 5 * time.Second}
+	req, _ := http.NewRequest(http.MethodGet, "http://"+srv.http+"/", nil)
+	req.Host = host
+	resp, err := client.Do(req)
+	if err != nil {
+		return 0, err.Error()
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
 }
 
 // TestSSHOnlyNode: a device with only OpenSSH (no meshctl at all) is added
@@ -128,41 +148,14 @@ func TestSSHOnlyNode(t *testing.T) {
 
 	backend := strings.TrimPrefix(startBackend(t, "hello from cam1"), "http://")
 	cmdline = strings.Replace(cmdline, "localhost:80 ", backend+" ", 1)
-	args := append([]string{"-F", "none", "-o", "BatchMode=yes"}, strings.Fields(cmdline)[1:]...)
-	ssh := exec.Command("ssh", args...)
-	ssh.Dir = dev // the command names known_hosts relative to the device's directory
-	var stderr strings.Builder
-	ssh.Stderr = &stderr
-	if err := ssh.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ssh.Process.Kill(); ssh.Wait() })
-
-	client := &http.Client{Timeout: 5 * time.Second}
-	get := func() (int, string) {
-		req, _ := http.NewRequest(http.MethodGet, "http://"+srv.http+"/", nil)
-		req.Host = "cam1.localhost"
-		resp, err := client.Do(req)
-		if err != nil {
-			return 0, err.Error()
-		}
-		defer resp.Body.Close()
-		b, _ := io.ReadAll(resp.Body)
-		return resp.StatusCode, string(b)
-	}
+	ssh := startSSH(t, dev, cmdline) // the command names known_hosts relative to the device's directory
 	eventually(t, 20*time.Second, "cam1 served through stock ssh", func() bool {
-		code, body := get()
+		code, body := proxyGet(srv, "cam1.localhost")
 		return code == 200 && body == "hello from cam1"
 	})
 	mustOK(t, nil, "nodes", "revoke", "--data-dir", srv.dataDir, "cam1")
-	exited := make(chan error, 1)
-	go func() { exited <- ssh.Wait() }()
-	select {
-	case <-exited:
-	case <-time.After(10 * time.Second):
-		t.Fatalf("ssh still connected after revocation; stderr:\n%s", stderr.String())
-	}
-	if code, _ := get(); code != http.StatusNotFound {
+	ssh.waitExit(t, 10*time.Second)
+	if code, _ := proxyGet(srv, "cam1.localhost"); code != http.StatusNotFound {
 		t.Fatalf("revoked SSH-only node: %d, want 404", code)
 	}
 }
