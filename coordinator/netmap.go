@@ -23,6 +23,7 @@ type snapshot struct {
 	byID    map[string]*wire.Peer
 	byName  map[string]*wire.Peer
 	sorted  []*wire.Peer // by name
+	proxies []*wire.Peer // the members with role proxy, by name (hub topology)
 	// sshByID and sshSorted (by name) hold the active SSH-only nodes. They
 	// are never WireGuard peers (no key, no address); only proxies'
 	// netmaps carry them, in SSHOnly.
@@ -93,7 +94,13 @@ func newSnapshot(version uint64, byID, sshByID map[string]*wire.Peer, revoked []
 	byName2 := func(a, b *wire.Peer) int { return cmp.Compare(a.Name, b.Name) }
 	slices.SortFunc(sorted, byName2)
 	slices.SortFunc(sshSorted, byName2)
-	return &snapshot{version: version, byID: byID, byName: byName, sorted: sorted,
+	var proxies []*wire.Peer
+	for _, p := range sorted {
+		if p.Role == wire.RoleProxy {
+			proxies = append(proxies, p)
+		}
+	}
+	return &snapshot{version: version, byID: byID, byName: byName, sorted: sorted, proxies: proxies,
 		sshByID: sshByID, sshSorted: sshSorted, accessRevoked: revoked}
 }
 
@@ -172,23 +179,29 @@ func (s *netmapState) publish(snap *snapshot) {
 }
 
 // netmapFor renders the netmap node id sees, or false if the node is not
-// active in snap. Every active node sees every other (full mesh).
+// active in snap. In the mesh topology every active member sees every
+// other; in the hub topology a node sees only the proxies (a netmap whose
+// size does not grow with the fleet), while proxies still see everyone.
 func (snap *snapshot) netmapFor(id string, o *Options, ipv6Pool netip.Prefix) (wire.Netmap, bool) {
 	self, ok := snap.byID[id]
 	if !ok {
 		return wire.Netmap{}, false
 	}
+	visible := snap.sorted
+	if o.Topology == TopologyHub && self.Role != wire.RoleProxy {
+		visible = snap.proxies
+	}
 	nm := wire.Netmap{
 		Version:       snap.version,
 		Self:          *self,
-		Peers:         make([]wire.Peer, 0, len(snap.sorted)),
+		Peers:         make([]wire.Peer, 0, len(visible)),
 		ProxyEndpoint: o.WGEndpoint,
 		Domain:        o.Domain,
 		ProxySSH:      o.SSHEndpoint,
 		IPv4Pool:      o.IPv4Pool.String(),
 		IPv6Pool:      ipv6Pool.String(),
 	}
-	for _, p := range snap.sorted {
+	for _, p := range visible {
 		if p.ID != id {
 			nm.Peers = append(nm.Peers, *p)
 		}

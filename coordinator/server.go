@@ -44,6 +44,12 @@ const (
 	DBFile              = "meshctl.db"
 )
 
+// Topologies: who sees whom in netmaps.
+const (
+	TopologyMesh = "mesh"
+	TopologyHub  = "hub"
+)
+
 // DefaultIPv4Pool is where overlay IPv4 addresses come from by default: a
 // /16 inside the shared address space 100.64.0.0/10 (RFC 6598).
 var DefaultIPv4Pool = netip.MustParsePrefix("100.64.0.0/16")
@@ -81,6 +87,9 @@ type Options struct {
 	// domain, both sent in netmaps. Empty when no proxy runs.
 	WGEndpoint string
 	Domain     string
+	// Topology is TopologyMesh (default: every member sees every other) or
+	// TopologyHub (nodes see only proxies and cannot reach each other).
+	Topology string
 	// SSHEndpoint is the proxy's SSH fallback endpoint (host:port) sent in
 	// netmaps; empty when none runs.
 	SSHEndpoint string
@@ -150,6 +159,13 @@ func New(opts Options) (s *Server, err error) {
 	}
 	if opts.LongPoll == 0 {
 		opts.LongPoll = DefaultLongPoll
+	}
+	switch opts.Topology {
+	case "":
+		opts.Topology = TopologyMesh
+	case TopologyMesh, TopologyHub:
+	default:
+		return nil, fmt.Errorf("coordinator: topology %q: use mesh or hub", opts.Topology)
 	}
 	if opts.FailureBurst == 0 {
 		opts.FailureBurst = 10

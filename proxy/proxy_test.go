@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/meshctl/meshctl/coordinator"
 	"github.com/meshctl/meshctl/internal/meshtest"
 	"github.com/meshctl/meshctl/node"
 	"github.com/meshctl/meshctl/proxy"
@@ -218,4 +219,32 @@ func TestAccessKeySignIn(t *testing.T) {
 		t.Fatal(err)
 	}
 	meshtest.WaitFor(t, deadline, func() bool { code, _ := get(); return code == http.StatusUnauthorized }, "the revoked key's session to end")
+}
+
+// In the hub topology nodes see only the proxy: they cannot reach each
+// other, and the proxy still serves all of them.
+func TestHubTopology(t *testing.T) {
+	c := meshtest.NewCoordinator(t, func(o *coordinator.Options) { o.Topology = coordinator.TopologyHub })
+	px := c.AddProxy(t)
+	a := c.AddAgent(t, "pi1", expose(t, "web="+backend(t, "pi1")+",public"))
+	c.AddAgent(t, "pi2", expose(t, "web="+backend(t, "pi2")+",public"))
+	for _, n := range []string{"pi1", "pi2"} {
+		meshtest.WaitFor(t, deadline, func() bool { code, body := px.Get(host(n), "/"); return code == 200 && body == n }, n+" served through the proxy")
+	}
+	nm, err := a.Node.Client.Netmap(t.Context(), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(nm.Peers) != 1 || nm.Peers[0].Role != wire.RoleProxy {
+		t.Fatalf("pi1's netmap in the hub topology: %+v", nm.Peers)
+	}
+	if a.HasPeer(t, "pi2") {
+		t.Fatal("pi1's WireGuard device has pi2 as a peer")
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Second)
+	defer cancel()
+	if conn, err := a.Dial(ctx, "pi2", 80); err == nil {
+		conn.Close()
+		t.Fatal("pi1 reached pi2 in the hub topology")
+	}
 }
