@@ -250,8 +250,16 @@ func defaultService(svcs []Service) int {
 // serveForward splices every channel the proxy opens on ln to the
 // service's target on the device.
 func (f *fallback) serveForward(ln net.Listener, svc Service) {
+	done := make(chan struct{})
+	defer close(done)
 	defer ln.Close()
-	go func() { <-f.a.ctx.Done(); ln.Close() }()
+	go func() {
+		select {
+		case <-f.a.ctx.Done():
+			ln.Close()
+		case <-done: // the SSH connection ended: nothing to wait for
+		}
+	}()
 	for {
 		c, err := ln.Accept()
 		if err != nil {
