@@ -148,26 +148,7 @@ func randHex(t *testing.T, n int) string {
 // meshctlStdin is meshctl with stdin.
 func meshctlStdin(t *testing.T, stdin string, args ...string) result {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, meshctlBin, args...)
-	cmd.Env = cleanEnv()
-	cmd.Stdin = strings.NewReader(stdin)
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	err := cmd.Run()
-	r := result{args: args, stdout: stdout.String(), stderr: stderr.String()}
-	var ee *exec.ExitError
-	switch {
-	case err == nil:
-	case ctx.Err() != nil:
-		t.Fatalf("meshctl %s did not finish within 30s\n%s", strings.Join(args, " "), r)
-	case errors.As(err, &ee):
-		r.code = ee.ExitCode()
-	default:
-		t.Fatalf("run meshctl %s: %v", strings.Join(args, " "), err)
-	}
-	return r
+	return runMeshctl(t, nil, strings.NewReader(stdin), args...)
 }
 
 // stopGracefully registers a cleanup that ends p with SIGTERM (so that an

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -93,10 +94,17 @@ func (r result) String() string {
 // meshctl runs the binary to completion (30s at most) with extra env vars.
 func meshctl(t *testing.T, env []string, args ...string) result {
 	t.Helper()
+	return runMeshctl(t, env, nil, args...)
+}
+
+// runMeshctl is meshctl with stdin (nil: none).
+func runMeshctl(t *testing.T, env []string, stdin io.Reader, args ...string) result {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, meshctlBin, args...)
 	cmd.Env = cleanEnv(env...)
+	cmd.Stdin = stdin
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	err := cmd.Run()
