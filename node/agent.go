@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"math/rand/v2"
 	"net"
@@ -69,6 +70,10 @@ type AgentOptions struct {
 	// Bind, if set, replaces WireGuard's UDP bind (tests put a lossy or
 	// blocking path here). Nil is the standard bind.
 	Bind conn.Bind
+	// RelayDial, if set, opens the agent's stream to the relay (frames of
+	// package proxy/relay) instead of an SSH channel to the proxy: the
+	// proxy attaches its own device to its in-process relay with it.
+	RelayDial func(ctx context.Context) (io.ReadWriteCloser, error)
 	// RetryMin and RetryMax bound the backoff toward the coordinator.
 	// Defaults 1s and 60s.
 	RetryMin, RetryMax time.Duration

@@ -44,6 +44,12 @@ const (
 	PathSSHHostCert = "/api/v1/proxy/ssh-host-cert"
 )
 
+// SSHRelayChannel is the SSH channel type a node opens on its connection
+// to the proxy's SSH server to reach the relay: the channel carries relay
+// frames (see package proxy/relay), the node's identity is the one its SSH
+// certificate proved. A node in SSH fallback thus stays a full mesh member.
+const SSHRelayChannel = "meshctl-relay"
+
 // Error is the body of every non-2xx API response.
 type Error struct {
 	// Code is a stable machine-readable reason, e.g. "revoked", "name_taken".
@@ -162,6 +168,12 @@ type Peer struct {
 	Endpoints    []string  `json:"endpoints,omitempty"`
 	Services     []Service `json:"services,omitempty"`
 	Tags         []string  `json:"tags,omitempty"`
+	// DiscoKey is the peer's path-probe key: standard base64 of a 32-byte
+	// X25519 public key (nacl/box), distinct from its WireGuard key. Nodes
+	// authenticate the probes that choose between a direct UDP path and
+	// the relay with it. Empty: the peer has not reported one yet (it is
+	// then reached through the relay, or at its first endpoint).
+	DiscoKey string `json:"disco_key,omitempty"`
 }
 
 // Netmap is what a node needs to configure its data plane. Version grows
@@ -179,8 +191,9 @@ type Netmap struct {
 	// netmaps carry it. They have no WireGuard key or address and are
 	// never WireGuard peers.
 	SSHOnly []Peer `json:"ssh_only,omitempty"`
-	// ProxySSH is the proxy's SSH fallback endpoint (host:port), empty when
-	// none runs.
+	// ProxySSH is the proxy's SSH endpoint (host:port), empty when none
+	// runs: the SSH fallback for nodes whose UDP is blocked, and the way to
+	// the relay (channel SSHRelayChannel) for peers with no direct path.
 	ProxySSH string `json:"proxy_ssh,omitempty"`
 	// AccessRevoked lists the ids of access keys that were revoked before
 	// they expired; only proxies' netmaps carry it, and a proxy ends the
@@ -197,6 +210,8 @@ type Netmap struct {
 type UpdateRequest struct {
 	Services  *[]Service `json:"services,omitempty"`
 	Endpoints *[]string  `json:"endpoints,omitempty"`
+	// DiscoKey is the node's path-probe public key (see Peer.DiscoKey).
+	DiscoKey *string `json:"disco_key,omitempty"`
 }
 
 // Token is an enrollment token as admins see it (never the secret, except
