@@ -249,7 +249,7 @@ func peerOf(n *store.Node) *wire.Peer {
 			svcs[i].Public = public
 		}
 	}
-	if n.Role == wire.RoleSSH { // no WireGuard key, addresses, endpoints or tags
+	if n.Role == wire.RoleSSH { // no WireGuard key, addresses, endpoints, tags or disco key
 		return &wire.Peer{ID: n.ID, Name: n.Name, Role: n.Role, Services: svcs}
 	}
 	return &wire.Peer{
@@ -262,6 +262,7 @@ func peerOf(n *store.Node) *wire.Peer {
 		Endpoints:    slices.Clone(n.Endpoints),
 		Services:     svcs,
 		Tags:         slices.Clone(n.Tags),
+		DiscoKey:     n.DiscoKey,
 	}
 }
 

@@ -3,6 +3,7 @@ package coordinator
 import (
 	"context"
 	"crypto/x509"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -136,7 +137,9 @@ const (
 	maxEndpoints = 16
 )
 
-// handleUpdate records the services and endpoints a node reports.
+// handleUpdate records the services, endpoints and disco key a node
+// reports. Nil fields are left unchanged; the netmap version moves only
+// when the node's peer entry actually changes.
 func (s *Server) handleUpdate(w http.ResponseWriter, r *http.Request, id string) error {
 	var req wire.UpdateRequest
 	if err := decodeJSON(w, r, &req); err != nil {
@@ -156,8 +159,14 @@ func (s *Server) handleUpdate(w http.ResponseWriter, r *http.Request, id string)
 			return errf(http.StatusBadRequest, wire.CodeBadRequest, "%v", err)
 		}
 	}
+	if req.DiscoKey != nil {
+		if err := validateDiscoKey(*req.DiscoKey); err != nil {
+			return errf(http.StatusBadRequest, wire.CodeBadRequest, "%v", err)
+		}
+	}
 	old := s.state.current().byID[id]
-	node, err := s.opts.Store.UpdateNode(r.Context(), id, svcJSON, req.Endpoints)
+	node, err := s.opts.Store.UpdateNode(r.Context(), id,
+		store.NodeUpdate{ServicesJSON: svcJSON, Endpoints: req.Endpoints, DiscoKey: req.DiscoKey})
 	if err != nil {
 		return err
 	}
@@ -202,9 +211,33 @@ func validateEndpoints(eps []string) error {
 	return nil
 }
 
+// validateDiscoKey accepts a disco (path-probe) public key: standard
+// padded base64 of 32 bytes, in its canonical form (no line breaks, zero
+// padding bits, so that equal keys are equal strings), and not all zero.
+func validateDiscoKey(k string) error {
+	const want = "disco_key: want standard base64 of 32 bytes (an X25519 public key)"
+	b, err := base64.StdEncoding.DecodeString(k)
+	if err != nil || len(b) != 32 || base64.StdEncoding.EncodeToString(b) != k {
+		return fmt.Errorf("%s, got %q", want, truncate(k, 64))
+	}
+	if [32]byte(b) == [32]byte{} {
+		return errors.New(want + ", got the all-zero key")
+	}
+	return nil
+}
+
+// truncate shortens s to at most n bytes for an error message.
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n] + "…"
+}
+
 func peersEqual(a, b *wire.Peer) bool {
 	return a.Name == b.Name && a.WireGuardKey == b.WireGuardKey && a.IPv4 == b.IPv4 && a.IPv6 == b.IPv6 &&
-		slices.Equal(a.Endpoints, b.Endpoints) && slices.Equal(a.Services, b.Services) && slices.Equal(a.Tags, b.Tags) && a.Role == b.Role
+		slices.Equal(a.Endpoints, b.Endpoints) && slices.Equal(a.Services, b.Services) && slices.Equal(a.Tags, b.Tags) && a.Role == b.Role &&
+		a.DiscoKey == b.DiscoKey
 }
 
 // handleRenew issues a fresh client certificate for a new (or the same)

@@ -63,10 +63,14 @@ type Node struct {
 	Tags         []string
 	ServicesJSON string // JSON array of wire.Service, "[]" when none
 	Endpoints    []string
-	TokenID      string
-	Created      time.Time
-	LastSeen     time.Time // zero = never
-	RevokedAt    time.Time // zero = not revoked
+	// DiscoKey is the node's path-probe public key as it reported it
+	// (standard base64 of 32 bytes; the API validates it), "" until it
+	// does and always for SSH-only nodes.
+	DiscoKey  string
+	TokenID   string
+	Created   time.Time
+	LastSeen  time.Time // zero = never
+	RevokedAt time.Time // zero = not revoked
 	// Visibility holds an admin's overrides of whether the node's services
 	// are public, by service name (true = public, false = private). An
 	// override wins over what the node reports; overrides for services the
@@ -146,6 +150,14 @@ type EnrollParams struct {
 	Actor string // for the audit row
 }
 
+// NodeUpdate is what a node reports about itself (see UpdateNode). Nil
+// fields are left unchanged.
+type NodeUpdate struct {
+	ServicesJSON *string   // JSON array of wire.Service
+	Endpoints    *[]string // "IP:port" strings; empty (not nil) clears them
+	DiscoKey     *string   // see Node.DiscoKey; stored as given
+}
+
 // SSHNodeParams adds or re-certifies an SSH-only node (see AddSSHNode).
 type SSHNodeParams struct {
 	NodeID       string // id of a new node; unused when re-certifying
@@ -194,9 +206,10 @@ type Store interface {
 	// ErrSSHOnly for an SSH-only node (its certificate names it: revoke it
 	// and add it again under the new name).
 	RenameNode(ctx context.Context, nameOrID, newName string, now time.Time, actor string) (Node, error)
-	// UpdateNode sets services and/or endpoints (nil = unchanged) of an
-	// active node. ErrNotFound (also for SSH-only nodes), ErrRevoked.
-	UpdateNode(ctx context.Context, id string, servicesJSON *string, endpoints *[]string) (Node, error)
+	// UpdateNode sets the non-nil fields of u (services, endpoints, disco
+	// key) of an active node, in one write, and returns the node.
+	// ErrNotFound (also for SSH-only nodes), ErrRevoked.
+	UpdateNode(ctx context.Context, id string, u NodeUpdate) (Node, error)
 	// TouchNode records that the node was seen at t. ErrNotFound for
 	// unknown and SSH-only nodes.
 	TouchNode(ctx context.Context, id string, t time.Time) error

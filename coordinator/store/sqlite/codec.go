@@ -101,7 +101,7 @@ func scanToken(r scanner) (store.Token, error) {
 	return t, nil
 }
 
-const nodeCols = `id, name, role, ipv4, ipv6, wg_key, tags, services, endpoints, coalesce(token_id, ''), created, last_seen, revoked_at`
+const nodeCols = `id, name, role, ipv4, ipv6, wg_key, tags, services, endpoints, disco_key, coalesce(token_id, ''), created, last_seen, revoked_at`
 
 func scanNode(r scanner) (store.Node, error) {
 	var (
@@ -111,7 +111,7 @@ func scanNode(r scanner) (store.Node, error) {
 		err                         error
 	)
 	if err := r.Scan(&n.ID, &n.Name, &n.Role, &ipv4, &ipv6, &n.WireGuardKey, &tags, &n.ServicesJSON, &endpoints,
-		&n.TokenID, &created, &lastSeen, &revoked); err != nil {
+		&n.DiscoKey, &n.TokenID, &created, &lastSeen, &revoked); err != nil {
 		return n, err
 	}
 	if n.IPv4, err = netip.ParseAddr(ipv4); err != nil {

@@ -354,18 +354,22 @@ func (s *Store) RenameNode(ctx context.Context, nameOrID, newName string, now ti
 	return n, nil
 }
 
-// UpdateNode sets the services and/or endpoints of an active node.
-func (s *Store) UpdateNode(ctx context.Context, id string, servicesJSON *string, endpoints *[]string) (store.Node, error) {
-	var services, eps any // nil = keep the column
-	if servicesJSON != nil {
+// UpdateNode sets the services, endpoints and/or disco key of an active
+// node.
+func (s *Store) UpdateNode(ctx context.Context, id string, u store.NodeUpdate) (store.Node, error) {
+	var services, eps, disco any // nil = keep the column
+	if u.ServicesJSON != nil {
 		var l []json.RawMessage
-		if err := json.Unmarshal([]byte(*servicesJSON), &l); err != nil || l == nil {
+		if err := json.Unmarshal([]byte(*u.ServicesJSON), &l); err != nil || l == nil {
 			return store.Node{}, fmt.Errorf("update node %s: services must be a JSON array", id)
 		}
-		services = *servicesJSON
+		services = *u.ServicesJSON
 	}
-	if endpoints != nil {
-		e, err := strList(*endpoints)
+	if u.DiscoKey != nil {
+		disco = *u.DiscoKey
+	}
+	if u.Endpoints != nil {
+		e, err := strList(*u.Endpoints)
 		if err != nil {
 			return store.Node{}, fmt.Errorf("update node %s: %w", id, err)
 		}
@@ -380,8 +384,8 @@ func (s *Store) UpdateNode(ctx context.Context, id string, servicesJSON *string,
 		if old.Revoked() {
 			return store.ErrRevoked
 		}
-		if _, err := tx.ExecContext(ctx, `UPDATE nodes SET services = coalesce(?, services), endpoints = coalesce(?, endpoints)
-			WHERE id = ?`, services, eps, id); err != nil {
+		if _, err := tx.ExecContext(ctx, `UPDATE nodes SET services = coalesce(?, services), endpoints = coalesce(?, endpoints),
+			disco_key = coalesce(?, disco_key) WHERE id = ?`, services, eps, disco, id); err != nil {
 			return err
 		}
 		n, err = getNode(ctx, tx, id)

@@ -151,7 +151,7 @@ func testServiceVisibility(t *testing.T, h *harness) {
 
 	// Every method that returns a node returns its overrides.
 	svc := `[{"name":"web","port":80}]`
-	if n, err := h.s.UpdateNode(h.ctx, a.ID, &svc, nil); err != nil || n.Visibility["web"] || len(n.Visibility) != 2 {
+	if n, err := h.s.UpdateNode(h.ctx, a.ID, store.NodeUpdate{ServicesJSON: &svc}); err != nil || n.Visibility["web"] || len(n.Visibility) != 2 {
 		t.Errorf("UpdateNode returned Visibility %v, %v", n.Visibility, err)
 	}
 	if n, err := h.s.RenameNode(h.ctx, "alpha", "alpha", t1, "admin:bob"); err != nil || len(n.Visibility) != 2 {

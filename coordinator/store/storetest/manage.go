@@ -114,7 +114,7 @@ func testUpdateNode(t *testing.T, h *harness) {
 	services := `[{"name":"web","port":8080,"proto":"tcp"}]`
 	endpoints := []string{"198.51.100.7:51820", "[2001:db8::7]:51820"}
 
-	got, err := h.s.UpdateNode(h.ctx, a.ID, &services, &endpoints)
+	got, err := h.s.UpdateNode(h.ctx, a.ID, store.NodeUpdate{ServicesJSON: &services, Endpoints: &endpoints})
 	if err != nil || got.ServicesJSON != services || !slices.Equal(got.Endpoints, endpoints) {
 		t.Fatalf("UpdateNode both = %+v, %v", got, err)
 	}
@@ -123,18 +123,18 @@ func testUpdateNode(t *testing.T, h *harness) {
 	}
 
 	ep2 := []string{"203.0.113.9:51820"}
-	if got, err = h.s.UpdateNode(h.ctx, a.ID, nil, &ep2); err != nil || got.ServicesJSON != services || !slices.Equal(got.Endpoints, ep2) {
+	if got, err = h.s.UpdateNode(h.ctx, a.ID, store.NodeUpdate{Endpoints: &ep2}); err != nil || got.ServicesJSON != services || !slices.Equal(got.Endpoints, ep2) {
 		t.Errorf("UpdateNode endpoints only = %q %v, %v; want services kept", got.ServicesJSON, got.Endpoints, err)
 	}
 	svc2 := `[]`
-	if got, err = h.s.UpdateNode(h.ctx, a.ID, &svc2, nil); err != nil || got.ServicesJSON != svc2 || !slices.Equal(got.Endpoints, ep2) {
+	if got, err = h.s.UpdateNode(h.ctx, a.ID, store.NodeUpdate{ServicesJSON: &svc2}); err != nil || got.ServicesJSON != svc2 || !slices.Equal(got.Endpoints, ep2) {
 		t.Errorf("UpdateNode services only = %q %v, %v; want endpoints kept", got.ServicesJSON, got.Endpoints, err)
 	}
-	if got, err = h.s.UpdateNode(h.ctx, a.ID, nil, nil); err != nil || got.ServicesJSON != svc2 || !slices.Equal(got.Endpoints, ep2) {
+	if got, err = h.s.UpdateNode(h.ctx, a.ID, store.NodeUpdate{}); err != nil || got.ServicesJSON != svc2 || !slices.Equal(got.Endpoints, ep2) {
 		t.Errorf("UpdateNode(nil, nil) = %q %v, %v; want unchanged", got.ServicesJSON, got.Endpoints, err)
 	}
 	var empty []string
-	if got, err = h.s.UpdateNode(h.ctx, a.ID, nil, &empty); err != nil || got.Endpoints == nil || len(got.Endpoints) != 0 {
+	if got, err = h.s.UpdateNode(h.ctx, a.ID, store.NodeUpdate{Endpoints: &empty}); err != nil || got.Endpoints == nil || len(got.Endpoints) != 0 {
 		t.Errorf("UpdateNode to no endpoints = %#v, %v; want empty non-nil", got.Endpoints, err)
 	}
 	if n := h.node(a.ID); n.Endpoints == nil || len(n.Endpoints) != 0 {
@@ -143,17 +143,77 @@ func testUpdateNode(t *testing.T, h *harness) {
 	if n := h.node(a.ID); n.Name != a.Name || n.IPv4 != a.IPv4 || n.Revoked() {
 		t.Errorf("UpdateNode changed other fields: %+v", n)
 	}
-	if _, err := h.s.UpdateNode(h.ctx, "nosuch", &services, nil); !errors.Is(err, store.ErrNotFound) {
+	if _, err := h.s.UpdateNode(h.ctx, "nosuch", store.NodeUpdate{ServicesJSON: &services}); !errors.Is(err, store.ErrNotFound) {
 		t.Errorf("UpdateNode(unknown): %v, want ErrNotFound", err)
 	}
 	if _, err := h.s.RevokeNode(h.ctx, a.ID, t0, "admin:bob"); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := h.s.UpdateNode(h.ctx, a.ID, &services, nil); !errors.Is(err, store.ErrRevoked) {
+	if _, err := h.s.UpdateNode(h.ctx, a.ID, store.NodeUpdate{ServicesJSON: &services}); !errors.Is(err, store.ErrRevoked) {
 		t.Errorf("UpdateNode(revoked): %v, want ErrRevoked", err)
 	}
 	if n := h.node(a.ID); n.ServicesJSON != svc2 {
 		t.Errorf("update of a revoked node was written: %q", n.ServicesJSON)
+	}
+}
+
+// testUpdateNodeDiscoKey: the disco key is set, read back by every way of
+// loading nodes, and left alone by updates that do not carry it.
+func testUpdateNodeDiscoKey(t *testing.T, h *harness) {
+	h.token("t", 0)
+	a := h.enroll(h.params("t", "alpha"))
+	b := h.enroll(h.params("t", "beta"))
+	if a.DiscoKey != "" || h.node(a.ID).DiscoKey != "" {
+		t.Errorf("new node has disco key %q, want empty", a.DiscoKey)
+	}
+	k1 := "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA="
+	k2 := "ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8="
+	eps := []string{"198.51.100.7:51820"}
+	got, err := h.s.UpdateNode(h.ctx, a.ID, store.NodeUpdate{Endpoints: &eps, DiscoKey: &k1})
+	if err != nil || got.DiscoKey != k1 || !slices.Equal(got.Endpoints, eps) {
+		t.Fatalf("UpdateNode disco key and endpoints = %q %v, %v", got.DiscoKey, got.Endpoints, err)
+	}
+	if n := h.node(a.ID); n.DiscoKey != k1 {
+		t.Errorf("GetNode disco key = %q, want %q", n.DiscoKey, k1)
+	}
+	for _, n := range h.nodes() {
+		if want := map[string]string{a.ID: k1, b.ID: ""}[n.ID]; n.DiscoKey != want {
+			t.Errorf("ListNodes: %s has disco key %q, want %q", n.Name, n.DiscoKey, want)
+		}
+	}
+
+	// Updates without a disco key leave it alone.
+	svc := `[{"name":"web","port":80}]`
+	ep2 := []string{"203.0.113.9:51820"}
+	for _, u := range []store.NodeUpdate{{}, {ServicesJSON: &svc}, {Endpoints: &ep2}} {
+		if got, err := h.s.UpdateNode(h.ctx, a.ID, u); err != nil || got.DiscoKey != k1 {
+			t.Errorf("UpdateNode(%+v) = disco key %q, %v; want %q kept", u, got.DiscoKey, err, k1)
+		}
+	}
+	// A disco-key-only update leaves the rest alone.
+	got, err = h.s.UpdateNode(h.ctx, a.ID, store.NodeUpdate{DiscoKey: &k2})
+	if err != nil || got.DiscoKey != k2 || got.ServicesJSON != svc || !slices.Equal(got.Endpoints, ep2) {
+		t.Errorf("UpdateNode disco key only = %q %q %v, %v; want %q with services and endpoints kept",
+			got.DiscoKey, got.ServicesJSON, got.Endpoints, err, k2)
+	}
+	if n := h.node(b.ID); n.DiscoKey != "" {
+		t.Errorf("other node's disco key = %q, want empty", n.DiscoKey)
+	}
+
+	h.reopen()
+	if n := h.node(a.ID); n.DiscoKey != k2 {
+		t.Errorf("disco key after reopen = %q, want %q", n.DiscoKey, k2)
+	}
+
+	// Revoked nodes are not updated; their disco key stays readable.
+	if _, err := h.s.RevokeNode(h.ctx, a.ID, t0, "admin:bob"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.s.UpdateNode(h.ctx, a.ID, store.NodeUpdate{DiscoKey: &k1}); !errors.Is(err, store.ErrRevoked) {
+		t.Errorf("UpdateNode(revoked) disco key: %v, want ErrRevoked", err)
+	}
+	if n := h.node(a.ID); n.DiscoKey != k2 {
+		t.Errorf("disco key of a revoked node after a refused update = %q, want %q", n.DiscoKey, k2)
 	}
 }
 
@@ -386,8 +446,8 @@ func testDurable(t *testing.T, h *harness) {
 	h.token("t", 0)
 	a := h.enroll(h.params("t", "alpha"))
 	h.enroll(h.params("t", "beta"))
-	svc, eps := `[{"name":"db"}]`, []string{"192.0.2.1:51820"}
-	if _, err := h.s.UpdateNode(h.ctx, a.ID, &svc, &eps); err != nil {
+	svc, eps, disco := `[{"name":"db"}]`, []string{"192.0.2.1:51820"}, "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA="
+	if _, err := h.s.UpdateNode(h.ctx, a.ID, store.NodeUpdate{ServicesJSON: &svc, Endpoints: &eps, DiscoKey: &disco}); err != nil {
 		t.Fatal(err)
 	}
 	if err := h.s.TouchNode(h.ctx, a.ID, t0.Add(time.Minute)); err != nil {
@@ -420,7 +480,7 @@ func testDurable(t *testing.T, h *harness) {
 	if !reflect.DeepEqual(keys, keys2) {
 		t.Errorf("admin keys changed across reopen:\nbefore %+v\n after %+v", keys, keys2)
 	}
-	if n := h.node(a.ID); n.ServicesJSON != svc || !slices.Equal(n.Endpoints, eps) || !n.LastSeen.Equal(t0.Add(time.Minute)) {
+	if n := h.node(a.ID); n.ServicesJSON != svc || !slices.Equal(n.Endpoints, eps) || n.DiscoKey != disco || !n.LastSeen.Equal(t0.Add(time.Minute)) {
 		t.Errorf("node after reopen = %+v", n)
 	}
 }

@@ -106,7 +106,7 @@ func testAddSSHNode(t *testing.T, h *harness) {
 		t.Errorf("RenameNode of an SSH-only node: %v, want ErrSSHOnly", err)
 	}
 	svcs := `[{"name":"x","port":1}]`
-	if _, err := h.s.UpdateNode(h.ctx, c.ID, &svcs, nil); !errors.Is(err, store.ErrNotFound) {
+	if _, err := h.s.UpdateNode(h.ctx, c.ID, store.NodeUpdate{ServicesJSON: &svcs}); !errors.Is(err, store.ErrNotFound) {
 		t.Errorf("UpdateNode of an SSH-only node: %v, want ErrNotFound", err)
 	}
 	if err := h.s.TouchNode(h.ctx, c.ID, t3); !errors.Is(err, store.ErrNotFound) {

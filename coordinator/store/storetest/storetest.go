@@ -66,6 +66,7 @@ func Run(t *testing.T, open OpenFunc) {
 		{"RevokeNode", testRevokeNode},
 		{"RenameNode", testRenameNode},
 		{"UpdateNode", testUpdateNode},
+		{"UpdateNodeDiscoKey", testUpdateNodeDiscoKey},
 		{"TouchNode", testTouchNode},
 		{"Tokens", testTokens},
 		{"AdminKeys", testAdminKeys},
