@@ -16,6 +16,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/meshctl/meshctl/node"
+	"github.com/meshctl/meshctl/proxy/relay"
 )
 
 const (
@@ -53,6 +54,15 @@ const (
 //	meshctl_proxy_peer_rx_bytes_total{peer}               counter
 //	meshctl_proxy_peer_tx_bytes_total{peer}               counter
 //	meshctl_proxy_peer_status_up                          gauge: 1 if the last status read succeeded
+//
+// With the relay (SSH fallback on), also:
+//
+//	meshctl_proxy_relay_forwarded_packets_total           counter
+//	meshctl_proxy_relay_forwarded_bytes_total             counter (payload bytes)
+//	meshctl_proxy_relay_dropped_packets_total{reason}     counter: not_wireguard, no_destination, rate_limited, queue_full
+//	meshctl_proxy_relay_bad_frames_total                  counter: protocol violations (each closed its stream)
+//	meshctl_proxy_relay_refused_total                     counter: streams of unknown or revoked nodes
+//	meshctl_proxy_relay_nodes                             gauge: nodes attached now
 //
 // route is the route's canonical host, "unknown" for requests that matched
 // no route and "other" once maxMetricRoutes distinct routes have been seen
@@ -289,4 +299,49 @@ func peerLabel(p node.PeerStatus, seen map[string]bool) string {
 	}
 	seen[label] = true
 	return label
+}
+
+// addRelay registers the relay's counters, read from stats at scrape time.
+func (m *Metrics) addRelay(stats func() relay.Stats) {
+	m.reg.MustRegister(newRelayCollector(stats))
+}
+
+type relayCollector struct {
+	stats                                        func() relay.Stats
+	packets, bytes, dropped, bad, refused, nodes *prometheus.Desc
+}
+
+func newRelayCollector(stats func() relay.Stats) *relayCollector {
+	name := func(n string) string { return prometheus.BuildFQName(metricsNamespace, metricsSubsystem, n) }
+	return &relayCollector{
+		stats:   stats,
+		packets: prometheus.NewDesc(name("relay_forwarded_packets_total"), "WireGuard messages the relay queued to their destination.", nil, nil),
+		bytes:   prometheus.NewDesc(name("relay_forwarded_bytes_total"), "Payload bytes of the WireGuard messages the relay queued to their destination.", nil, nil),
+		dropped: prometheus.NewDesc(name("relay_dropped_packets_total"), "Messages the relay dropped, by reason: not_wireguard (no WireGuard message header), no_destination (no attached node holds the key), rate_limited (over the sender's rate), queue_full (the destination's queue was full).", []string{"reason"}, nil),
+		bad:     prometheus.NewDesc(name("relay_bad_frames_total"), "Relay frames of the wrong type or length; each closed its stream.", nil, nil),
+		refused: prometheus.NewDesc(name("relay_refused_total"), "Relay streams refused because the node was unknown or revoked.", nil, nil),
+		nodes:   prometheus.NewDesc(name("relay_nodes"), "Nodes attached to the relay now.", nil, nil),
+	}
+}
+
+func (c *relayCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{c.packets, c.bytes, c.dropped, c.bad, c.refused, c.nodes} {
+		ch <- d
+	}
+}
+
+func (c *relayCollector) Collect(ch chan<- prometheus.Metric) {
+	st := c.stats()
+	counter := func(d *prometheus.Desc, v uint64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), labels...)
+	}
+	counter(c.packets, st.Forwarded)
+	counter(c.bytes, st.ForwardedBytes)
+	counter(c.dropped, st.DropNotWG, "not_wireguard")
+	counter(c.dropped, st.DropNoDst, "no_destination")
+	counter(c.dropped, st.DropRate, "rate_limited")
+	counter(c.dropped, st.DropQueue, "queue_full")
+	counter(c.bad, st.BadFrames)
+	counter(c.refused, st.Refused)
+	ch <- prometheus.MustNewConstMetric(c.nodes, prometheus.GaugeValue, float64(st.Connected))
 }

@@ -61,6 +61,7 @@ type Proxy struct {
 	access  *access
 	metrics *Metrics
 	ssh     *sshFallback // nil without SSH fallback
+	relay   *meshRelay   // nil without SSH fallback (the relay's only way in)
 
 	handler *Handler
 	servers []*http.Server
@@ -105,6 +106,16 @@ func New(opts Options) (*Proxy, error) {
 	if st.Role != wire.RoleProxy {
 		return nil, fmt.Errorf("%s holds the identity of node %q, not of a proxy: give the proxy its own --state-dir", agentOpts.StateDir, st.Name)
 	}
+	if opts.SSH != nil {
+		// The relay is reached through the SSH server only; the proxy's own
+		// agent attaches to it in-process.
+		if p.relay, err = newMeshRelay(st.Name, st.WireGuardKey().PublicKey(), opts.Logger.With("component", "relay")); err != nil {
+			return nil, err
+		}
+		if agentOpts.RelayDial == nil {
+			agentOpts.RelayDial = p.relay.dial
+		}
+	}
 	if p.agent, err = node.NewAgent(agentOpts); err != nil {
 		return nil, err
 	}
@@ -112,6 +123,9 @@ func New(opts Options) (*Proxy, error) {
 		return nil, err
 	}
 	p.metrics = NewMetrics(p.agent.Status)
+	if p.relay != nil {
+		p.metrics.addRelay(p.relay.srv.Stats)
+	}
 	p.handler, err = NewHandler(HandlerOptions{
 		Observe:     p.metrics.Observe,
 		Table:       p.table.Load,
@@ -132,8 +146,13 @@ func (p *Proxy) setNetmap(nm *wire.Netmap) {
 	if p.access != nil {
 		p.access.setRevoked(nm.AccessRevoked)
 	}
+	var keys map[string][32]byte
+	if p.relay != nil {
+		keys = relayKeys(nm)
+		p.relay.setKeys(keys)
+	}
 	if p.ssh != nil {
-		p.ssh.setNetmap(nm)
+		p.ssh.setNetmap(nm, keys)
 	}
 	t := BuildTable(nm, p.opts.Domain)
 	p.table.Store(t)
@@ -260,7 +279,10 @@ func (p *Proxy) Close() error {
 			}
 		}
 		if p.ssh != nil {
-			p.ssh.srv.Close()
+			p.ssh.srv.Close() // ends the relay channels too
+		}
+		if p.relay != nil {
+			p.relay.close()
 		}
 		p.wg.Wait()
 		p.agent.Close()

@@ -3,6 +3,7 @@ package proxy
 import (
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"slices"
@@ -22,7 +23,8 @@ import (
 // services it may forward, come from the proxy's netmap: a revoked node
 // leaves the netmap, so its SSH session is closed and its forwards vanish.
 // When both a WireGuard path and an SSH forward exist, WireGuard wins as
-// long as the node has handshaked with the proxy recently.
+// long as the node has handshaked with the proxy recently. The same SSH
+// connection also carries the node's relay channel (see relayserver.go).
 
 // SSHOptions configure the proxy's SSH fallback server.
 type SSHOptions struct {
@@ -43,7 +45,7 @@ const wgRecent = 3 * time.Minute
 type sshFallback struct {
 	srv   *sshtunnel.Server
 	ln    net.Listener
-	nodes atomic.Pointer[map[string][]wire.Service] // active node name -> services, from the netmap
+	nodes atomic.Pointer[map[string]sshtunnel.NodeInfo] // active node name -> its services and relay right, from the netmap
 
 	mu        sync.Mutex
 	handshake map[string]time.Time // node name -> last WireGuard handshake with the proxy
@@ -52,14 +54,19 @@ type sshFallback struct {
 
 func (p *Proxy) startSSH(o *SSHOptions) error {
 	f := &sshFallback{handshake: map[string]time.Time{}}
-	empty := map[string][]wire.Service{}
+	empty := map[string]sshtunnel.NodeInfo{}
 	f.nodes.Store(&empty)
+	var relayFn func(string, io.ReadWriteCloser)
+	if p.relay != nil {
+		relayFn = p.relay.serve
+	}
 	srv, err := sshtunnel.New(sshtunnel.Options{
 		HostSigner: o.HostSigner,
 		UserCA:     o.UserCA,
 		Lookup:     f.lookup,
 		Logger:     p.log.With("component", "ssh"),
 		OnChange:   func() { p.handler.TableChanged() },
+		Relay:      relayFn,
 	})
 	if err != nil {
 		return err
@@ -82,25 +89,40 @@ func (p *Proxy) startSSH(o *SSHOptions) error {
 }
 
 func (f *sshFallback) lookup(node string) (sshtunnel.NodeInfo, bool) {
-	svcs, ok := (*f.nodes.Load())[node]
-	return sshtunnel.NodeInfo{Services: svcs}, ok
+	info, ok := (*f.nodes.Load())[node]
+	return info, ok
 }
 
 // setNetmap refreshes which nodes may use the SSH fallback and closes the
-// sessions of nodes that left the netmap (revoked).
-func (f *sshFallback) setNetmap(nm *wire.Netmap) {
-	nodes := make(map[string][]wire.Service, len(nm.Peers))
+// sessions of nodes that left the netmap (revoked). relay holds the names
+// that may use the relay (relayKeys): nodes with a WireGuard key. Other
+// proxies may log in for the relay only: they publish nothing here.
+func (f *sshFallback) setNetmap(nm *wire.Netmap, relay map[string][32]byte) {
+	nodes := make(map[string]sshtunnel.NodeInfo, len(nm.Peers)+len(nm.SSHOnly))
 	for _, peer := range nm.Peers {
-		if peer.Role == wire.RoleNode {
-			nodes[peer.Name] = slices.Clone(peer.Services)
+		_, mayRelay := relay[peer.Name]
+		switch peer.Role {
+		case wire.RoleNode:
+			nodes[peer.Name] = sshtunnel.NodeInfo{Services: slices.Clone(peer.Services), Relay: mayRelay}
+		case wire.RoleProxy:
+			if mayRelay {
+				nodes[peer.Name] = sshtunnel.NodeInfo{Relay: true}
+			}
 		}
 	}
 	for _, peer := range nm.SSHOnly {
 		if peer.Role == wire.RoleSSH {
-			nodes[peer.Name] = slices.Clone(peer.Services)
+			nodes[peer.Name] = sshtunnel.NodeInfo{Services: slices.Clone(peer.Services)}
 		}
 	}
-	f.nodes.Store(&nodes)
+	old := f.nodes.Swap(&nodes)
+	// A node that left may hold a session with forwards, or one with only
+	// a relay channel: both end.
+	for name := range *old {
+		if _, ok := nodes[name]; !ok {
+			f.srv.DropNode(name)
+		}
+	}
 	for _, fw := range f.srv.Forwards() {
 		if _, ok := nodes[fw.Node]; !ok {
 			f.srv.DropNode(fw.Node)

@@ -4,21 +4,26 @@
 // addressed by the destination node's WireGuard public key; it never
 // decrypts them and never routes anything into its own WireGuard device.
 //
+// # Identity
+//
+// The relay does not authenticate anyone itself. It serves byte streams
+// that its caller has already authenticated: [Server.ServeConn] takes the
+// node's name together with the stream. In meshctl the caller is the
+// proxy's SSH server (package proxy/sshtunnel): a node opens an SSH channel
+// of type wire.SSHRelayChannel on the connection it authenticated with the
+// user certificate from the coordinator's SSH CA (principal = node name),
+// and that name is what ServeConn gets. The proxy's own agent is attached
+// in-process, over a net.Pipe, under the proxy's own name.
+//
+// Options.Lookup maps the name to the node's WireGuard public key. A node
+// therefore cannot claim another key: it can only receive packets
+// addressed to its own key, and every packet it sends is delivered with
+// its own key as the source. An unknown or revoked name (Lookup returns
+// false) is refused by closing the stream at once.
+//
 // # Protocol
 //
-// A node opens a TLS connection (TLS 1.2 or later) to the relay and presents
-// the mTLS client certificate the coordinator's CA issued it. The relay
-// verifies that certificate itself: it must chain to Options.ClientCA, carry
-// the ClientAuth extended key usage and be valid at Options.Now. The node is
-// identified ONLY by that verified certificate: its CommonName is the node
-// id, and Options.Lookup maps the id to the node's WireGuard public key. A
-// node therefore cannot claim another key, so it can only receive packets
-// addressed to its own key. An unknown or revoked id (Lookup returns false)
-// is refused by closing the connection right after the handshake. The
-// client verifies the relay's certificate against the mesh CA (ServerAuth,
-// no host name check, like pki.CATLSConfig).
-//
-// After the handshake both directions carry frames:
+// Both directions of a stream carry frames:
 //
 //	1 byte   type
 //	32 bytes WireGuard public key
@@ -28,7 +33,7 @@
 // Client→server frames have type 1, "send to key" (the key is the
 // destination). Server→client frames have type 2, "from key" (the key is the
 // authenticated source). A client frame with another type, a zero length or
-// a length above Options.MaxPacket makes the relay close that connection.
+// a length above Options.MaxPacket makes the relay close that stream.
 //
 // The relay forwards a payload only if its header is that of a WireGuard
 // message: the first byte is 1 (handshake initiation, exactly 148 bytes),
@@ -41,30 +46,35 @@
 // exceeding it are dropped. A destination whose send queue is full drops the
 // packet too (WireGuard retransmits). Drops are never reported to the sender.
 //
-// A second connection from the same node (or holding the same key) replaces
-// the first, which is closed. Lookup is re-checked for the source node when
-// it sends and at least one second (by Options.Now) has passed since the
-// last check; if the node is gone or its key changed, the connection is
-// closed. Server.Drop closes a node's connection immediately (revocation).
+// A second stream of the same node (or holding the same key) replaces the
+// first, which is closed. Lookup is re-checked for the source node when it
+// sends and at least one second (by Options.Now) has passed since the last
+// check; if the node is gone or its key changed, the stream is closed.
+// Server.Drop closes a node's stream immediately (revocation, rekey).
+//
+// # Streams
+//
+// A stream is any io.ReadWriteCloser whose Close may be called while a Read
+// or Write is blocked and makes them return (net.Conn, net.Pipe and
+// x/crypto/ssh channels qualify; an SSH channel's blocked Write returns
+// once the peer answers the channel close, or when the connection ends). A
+// write that does not complete within WriteTimeout closes the stream: via
+// SetWriteDeadline when the stream has it, else by a watchdog that calls
+// Close.
 package relay
 
 import (
 	"bufio"
-	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
+	"os"
 	"sort"
 	"sync"
 	"sync/atomic"
 	"time"
-
-	"github.com/meshctl/meshctl/pki"
 )
 
 // Frame types.
@@ -80,87 +90,118 @@ const (
 	DefaultRateBytes = 8 << 20
 	// DefaultMaxPacket is the default and largest payload size.
 	DefaultMaxPacket = 65535
+	// WriteTimeout bounds one write to a stream, on both the server and
+	// the client side; a stream whose write takes longer is closed.
+	WriteTimeout = 10 * time.Second
 
-	handshakeTimeout = 10 * time.Second
-	writeTimeout     = 10 * time.Second
-	recheckInterval  = time.Second
-	sendQueueLen     = 256
+	recheckInterval = time.Second
+	sendQueueLen    = 256
 )
 
-// ErrServerClosed is returned by Serve after Close.
-var ErrServerClosed = errors.New("relay: server closed")
+// writeTimeout is WriteTimeout; tests shorten it.
+var writeTimeout atomic.Int64
+
+func init() { writeTimeout.Store(int64(WriteTimeout)) }
+
+// Reasons ServeConn returns.
+var (
+	// ErrServerClosed: the server was closed (before or while serving).
+	ErrServerClosed = errors.New("relay: server closed")
+	// ErrRefused: Lookup does not know the node (unknown or revoked).
+	ErrRefused = errors.New("relay: node unknown or revoked")
+	// ErrReplaced: a newer stream of the same node or key took over.
+	ErrReplaced = errors.New("relay: replaced by a newer stream of the node")
+	// ErrDropped: Server.Drop cut the node.
+	ErrDropped = errors.New("relay: node dropped")
+	// ErrRevoked: the periodic Lookup re-check found the node gone or
+	// holding another key.
+	ErrRevoked = errors.New("relay: node no longer authorized")
+	// ErrBadFrame: the client sent a frame of the wrong type or length.
+	ErrBadFrame = errors.New("relay: bad frame")
+	// ErrWriteTimeout: a write to the stream took longer than WriteTimeout.
+	ErrWriteTimeout = errors.New("relay: write timed out")
+)
+
+// ErrClientClosed is returned by Client.Send after Close, or after an
+// earlier write error closed the client.
+var ErrClientClosed = errors.New("relay: client closed")
 
 // Options configure a Server.
 type Options struct {
-	TLSCert  tls.Certificate   // the relay's server certificate (required)
-	ClientCA *x509.Certificate // nodes' certificates must chain to it (required)
-	// Lookup maps an authenticated node id (certificate CommonName) to its
-	// WireGuard public key; false = unknown or revoked → refused. It is
-	// called at connect and about once a second per sending node, so it
-	// should be cheap (in memory).
-	Lookup    func(nodeID string) (key [32]byte, ok bool)
+	// Lookup maps an authenticated node name to its WireGuard public key;
+	// false = unknown or revoked → refused. It is called when a stream
+	// starts and about once a second per sending node, so it should be
+	// cheap (in memory). Required.
+	Lookup    func(node string) (key [32]byte, ok bool)
 	Now       func() time.Time // default time.Now
 	Logger    *slog.Logger     // nil = discard; packet contents are never logged
 	RateBytes int              // per-node sustained bytes/s forwarded (default 8 MiB/s), burst 2x
 	MaxPacket int              // largest payload, default and maximum 65535
 }
 
-// Server relays WireGuard messages between authenticated nodes over TLS
-// streams.
+// Stats are the server's counters since New.
+type Stats struct {
+	Forwarded      uint64 // packets queued to their destination
+	ForwardedBytes uint64 // payload bytes of those packets
+	DropNotWG      uint64 // payloads without a WireGuard message header
+	DropNoDst      uint64 // no connected node holds the key, or it is the sender's own
+	DropRate       uint64 // over the sender's rate limit
+	DropQueue      uint64 // the destination's send queue was full
+	BadFrames      uint64 // frames that closed their stream
+	Refused        uint64 // streams refused (unknown or revoked node)
+	Connected      int    // nodes connected now
+}
+
+// Server relays WireGuard messages between nodes over streams its caller
+// authenticated. It is safe for concurrent use.
 type Server struct {
-	o      Options
-	log    *slog.Logger
-	tlsCfg *tls.Config
+	o   Options
+	log *slog.Logger
 
-	mu        sync.Mutex
-	closed    bool
-	listeners map[net.Listener]struct{}
-	raw       map[net.Conn]struct{}
-	byID      map[string]*conn
-	byKey     map[[32]byte]*conn
-	wg        sync.WaitGroup
-	closeOnce sync.Once
+	mu     sync.Mutex
+	closed bool
+	byID   map[string]*conn
+	byKey  map[[32]byte]*conn
+	wg     sync.WaitGroup // running ServeConn calls
 
-	// counters (for tests and status)
-	forwarded   atomic.Uint64
-	dropNotWG   atomic.Uint64
-	dropNoDst   atomic.Uint64
-	dropRate    atomic.Uint64
-	dropQueue   atomic.Uint64
-	badFrames   atomic.Uint64
-	refusedConn atomic.Uint64
+	forwarded      atomic.Uint64
+	forwardedBytes atomic.Uint64
+	dropNotWG      atomic.Uint64
+	dropNoDst      atomic.Uint64
+	dropRate       atomic.Uint64
+	dropQueue      atomic.Uint64
+	badFrames      atomic.Uint64
+	refusedConn    atomic.Uint64
 }
 
 type conn struct {
 	id    string
 	key   [32]byte
-	raw   net.Conn
-	tc    *tls.Conn
+	rw    io.ReadWriteCloser
 	sendq chan []byte
 	done  chan struct{}
 	once  sync.Once
+	// reason is why the stream was closed; written once before done is
+	// closed, read only after.
+	reason error
 
-	// touched only by the connection's read loop
+	// touched only by the stream's read loop
 	tokens    float64
 	last      time.Time
 	lastCheck time.Time
 }
 
-func (c *conn) close() {
+// close records reason (the first one wins) and closes the stream.
+func (c *conn) close(reason error) {
 	c.once.Do(func() {
+		c.reason = reason
 		close(c.done)
-		c.raw.Close()
+		c.rw.Close()
 	})
 }
 
 // New validates o and returns a Server.
 func New(o Options) (*Server, error) {
-	if len(o.TLSCert.Certificate) == 0 || o.TLSCert.PrivateKey == nil {
-		return nil, errors.New("relay: TLSCert is required")
-	}
-	if o.ClientCA == nil {
-		return nil, errors.New("relay: ClientCA is required")
-	}
 	if o.Lookup == nil {
 		return nil, errors.New("relay: Lookup is required")
 	}
@@ -180,132 +221,110 @@ func New(o Options) (*Server, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	s := &Server{
-		o:         o,
-		log:       log,
-		listeners: map[net.Listener]struct{}{},
-		raw:       map[net.Conn]struct{}{},
-		byID:      map[string]*conn{},
-		byKey:     map[[32]byte]*conn{},
-	}
-	roots := x509.NewCertPool()
-	roots.AddCert(o.ClientCA)
-	s.tlsCfg = &tls.Config{
-		MinVersion:   tls.VersionTLS12,
-		Certificates: []tls.Certificate{o.TLSCert},
-		ClientAuth:   tls.RequireAnyClientCert,
-		VerifyPeerCertificate: func(rawCerts [][]byte, _ [][]*x509.Certificate) error {
-			if len(rawCerts) == 0 {
-				return errors.New("no client certificate")
-			}
-			certs := make([]*x509.Certificate, len(rawCerts))
-			for i, r := range rawCerts {
-				c, err := x509.ParseCertificate(r)
-				if err != nil {
-					return fmt.Errorf("client certificate: %w", err)
-				}
-				certs[i] = c
-			}
-			inter := x509.NewCertPool()
-			for _, c := range certs[1:] {
-				inter.AddCert(c)
-			}
-			_, err := certs[0].Verify(x509.VerifyOptions{
-				Roots:         roots,
-				Intermediates: inter,
-				CurrentTime:   s.o.Now(),
-				KeyUsages:     []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
-			})
-			if err != nil {
-				return fmt.Errorf("client certificate: %w", err)
-			}
-			if certs[0].Subject.CommonName == "" {
-				return errors.New("client certificate has no CommonName")
-			}
-			return nil
-		},
-	}
-	return s, nil
+	return &Server{
+		o:     o,
+		log:   log,
+		byID:  map[string]*conn{},
+		byKey: map[[32]byte]*conn{},
+	}, nil
 }
 
-// Serve accepts connections on ln until Close (then it returns
-// ErrServerClosed) or until Accept fails. TLS is done by the server; ln
-// must be a plain listener.
-func (s *Server) Serve(ln net.Listener) error {
+// ServeConn serves one stream of node, whom the caller has authenticated,
+// until the stream ends or is cut, and closes rw before it returns. A node
+// Lookup does not know is refused at once (ErrRefused). The result is nil
+// when the client ended the stream (EOF), else why it ended: ErrRefused,
+// ErrServerClosed, ErrReplaced, ErrDropped, ErrRevoked, ErrBadFrame,
+// ErrWriteTimeout or an I/O error.
+func (s *Server) ServeConn(node string, rw io.ReadWriteCloser) error {
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
-		ln.Close()
+		rw.Close()
 		return ErrServerClosed
 	}
-	s.listeners[ln] = struct{}{}
+	s.wg.Add(1)
 	s.mu.Unlock()
-	defer func() {
-		s.mu.Lock()
-		delete(s.listeners, ln)
-		s.mu.Unlock()
-	}()
-	for {
-		raw, err := ln.Accept()
-		if err != nil {
-			s.mu.Lock()
-			closed := s.closed
-			s.mu.Unlock()
-			if closed {
-				return ErrServerClosed
-			}
-			return err
-		}
-		s.mu.Lock()
-		if s.closed {
-			s.mu.Unlock()
-			raw.Close()
-			return ErrServerClosed
-		}
-		s.raw[raw] = struct{}{}
-		s.wg.Add(1)
-		s.mu.Unlock()
-		go s.handle(raw)
+	defer s.wg.Done()
+
+	key, ok := [32]byte{}, false
+	if node != "" {
+		key, ok = s.o.Lookup(node)
 	}
+	if !ok {
+		s.refusedConn.Add(1)
+		s.log.Warn("relay: unknown or revoked node refused", "node", node)
+		rw.Close()
+		return ErrRefused
+	}
+	now := s.o.Now()
+	c := &conn{
+		id: node, key: key, rw: rw,
+		sendq:  make(chan []byte, sendQueueLen),
+		done:   make(chan struct{}),
+		tokens: float64(2 * s.o.RateBytes),
+		last:   now, lastCheck: now,
+	}
+	if !s.register(c) {
+		rw.Close()
+		return ErrServerClosed
+	}
+	s.log.Info("relay: node connected", "node", node)
+	wdone := make(chan struct{})
+	go func() {
+		defer close(wdone)
+		s.writeLoop(c)
+	}()
+	err := s.readLoop(c)
+	if errors.Is(err, io.EOF) {
+		err = nil
+	}
+	c.close(err)
+	s.mu.Lock()
+	s.removeLocked(c)
+	s.mu.Unlock()
+	<-wdone // bounded: the stream is closed, which ends a blocked write
+	s.log.Info("relay: node disconnected", "node", node, "reason", c.reason)
+	return c.reason
 }
 
-// Close stops all listeners and connections and waits for the server's
-// goroutines. It is idempotent.
+// Close closes every stream, makes later ServeConn calls return
+// ErrServerClosed, and waits for the running ones to return. It is
+// idempotent and returns nil.
 func (s *Server) Close() error {
-	s.closeOnce.Do(func() {
-		s.mu.Lock()
+	var conns []*conn
+	s.mu.Lock()
+	if !s.closed {
 		s.closed = true
-		for ln := range s.listeners {
-			ln.Close()
-		}
-		for r := range s.raw {
-			r.Close()
-		}
 		for _, c := range s.byID {
-			c.close()
+			conns = append(conns, c)
 		}
-		s.mu.Unlock()
-	})
+		clear(s.byID)
+		clear(s.byKey)
+	}
+	s.mu.Unlock()
+	for _, c := range conns { // not under mu: closing a stream may block briefly
+		c.close(ErrServerClosed)
+	}
 	s.wg.Wait()
 	return nil
 }
 
-// Drop closes nodeID's connection now (revocation). The node can reconnect
-// only if Lookup accepts it again.
-func (s *Server) Drop(nodeID string) {
+// Drop closes node's stream now (revocation or rekey). The node can
+// reconnect only if Lookup accepts it again.
+func (s *Server) Drop(node string) {
 	s.mu.Lock()
-	c := s.byID[nodeID]
+	c := s.byID[node]
 	if c != nil {
 		s.removeLocked(c)
 	}
 	s.mu.Unlock()
 	if c != nil {
-		s.log.Info("relay: node dropped", "node", nodeID)
-		c.close()
+		s.log.Info("relay: node dropped", "node", node)
+		c.close(ErrDropped)
 	}
 }
 
-// Connected returns the ids of the connected nodes, sorted.
+// Connected returns the names of the connected nodes, sorted.
 func (s *Server) Connected() []string {
 	s.mu.Lock()
 	ids := make([]string, 0, len(s.byID))
@@ -317,6 +336,24 @@ func (s *Server) Connected() []string {
 	return ids
 }
 
+// Stats returns the server's counters.
+func (s *Server) Stats() Stats {
+	s.mu.Lock()
+	n := len(s.byID)
+	s.mu.Unlock()
+	return Stats{
+		Forwarded:      s.forwarded.Load(),
+		ForwardedBytes: s.forwardedBytes.Load(),
+		DropNotWG:      s.dropNotWG.Load(),
+		DropNoDst:      s.dropNoDst.Load(),
+		DropRate:       s.dropRate.Load(),
+		DropQueue:      s.dropQueue.Load(),
+		BadFrames:      s.badFrames.Load(),
+		Refused:        s.refusedConn.Load(),
+		Connected:      n,
+	}
+}
+
 func (s *Server) removeLocked(c *conn) {
 	if s.byID[c.id] == c {
 		delete(s.byID, c.id)
@@ -326,8 +363,8 @@ func (s *Server) removeLocked(c *conn) {
 	}
 }
 
-// register installs c, closing any connection it replaces. It fails once
-// the server is closed.
+// register installs c, closing any stream it replaces. It fails once the
+// server is closed.
 func (s *Server) register(c *conn) bool {
 	var old []*conn
 	s.mu.Lock()
@@ -347,76 +384,33 @@ func (s *Server) register(c *conn) bool {
 	s.byKey[c.key] = c
 	s.mu.Unlock()
 	for _, o := range old {
-		s.log.Info("relay: connection replaced", "node", o.id)
-		o.close()
+		s.log.Info("relay: stream replaced", "node", o.id, "by", c.id)
+		o.close(ErrReplaced)
 	}
 	return true
 }
 
-func (s *Server) handle(raw net.Conn) {
-	defer s.wg.Done()
-	defer func() {
-		raw.Close()
-		s.mu.Lock()
-		delete(s.raw, raw)
-		s.mu.Unlock()
-	}()
-	tc := tls.Server(raw, s.tlsCfg)
-	ctx, cancel := context.WithTimeout(context.Background(), handshakeTimeout)
-	err := tc.HandshakeContext(ctx)
-	cancel()
-	if err != nil {
-		s.refusedConn.Add(1)
-		s.log.Debug("relay: handshake failed", "remote", raw.RemoteAddr().String(), "err", err)
-		return
-	}
-	id := tc.ConnectionState().PeerCertificates[0].Subject.CommonName
-	key, ok := s.o.Lookup(id)
-	if !ok {
-		s.refusedConn.Add(1)
-		s.log.Warn("relay: unknown or revoked node refused", "node", id, "remote", raw.RemoteAddr().String())
-		return
-	}
-	now := s.o.Now()
-	c := &conn{
-		id: id, key: key, raw: raw, tc: tc,
-		sendq:  make(chan []byte, sendQueueLen),
-		done:   make(chan struct{}),
-		tokens: float64(2 * s.o.RateBytes),
-		last:   now, lastCheck: now,
-	}
-	if !s.register(c) {
-		return
-	}
-	s.log.Info("relay: node connected", "node", id, "remote", raw.RemoteAddr().String())
-	s.wg.Add(1) // safe: this goroutine's count keeps Wait from returning
-	go s.writeLoop(c)
-	err = s.readLoop(c)
-	s.mu.Lock()
-	s.removeLocked(c)
-	s.mu.Unlock()
-	c.close()
-	s.log.Info("relay: node disconnected", "node", id, "err", err)
-}
-
 func (s *Server) writeLoop(c *conn) {
-	defer s.wg.Done()
-	bw := bufio.NewWriterSize(c.tc, 32<<10)
+	tw := newTimedWriter(c.rw, func() { c.close(ErrWriteTimeout) })
+	defer tw.stop()
+	bw := bufio.NewWriterSize(tw, 32<<10)
 	for {
 		select {
 		case <-c.done:
 			return
 		case f := <-c.sendq:
-			c.raw.SetWriteDeadline(time.Now().Add(writeTimeout))
-			if _, err := bw.Write(f); err != nil {
-				c.close()
-				return
+			_, err := bw.Write(f)
+			if err == nil && len(c.sendq) == 0 {
+				err = bw.Flush()
 			}
-			if len(c.sendq) == 0 {
-				if err := bw.Flush(); err != nil {
-					c.close()
-					return
+			if err != nil {
+				if errors.Is(err, os.ErrDeadlineExceeded) {
+					err = ErrWriteTimeout
+				} else {
+					err = fmt.Errorf("relay: write: %w", err)
 				}
+				c.close(err)
+				return
 			}
 		}
 	}
@@ -424,7 +418,7 @@ func (s *Server) writeLoop(c *conn) {
 
 // readLoop reads c's frames until an error or a protocol violation.
 func (s *Server) readLoop(c *conn) error {
-	br := bufio.NewReaderSize(c.tc, 32<<10)
+	br := bufio.NewReaderSize(c.rw, 32<<10)
 	var hdr [headerLen]byte
 	rate, burst := float64(s.o.RateBytes), float64(2*s.o.RateBytes)
 	for {
@@ -435,12 +429,15 @@ func (s *Server) readLoop(c *conn) error {
 		if hdr[0] != frameSend || n == 0 || n > s.o.MaxPacket {
 			s.badFrames.Add(1)
 			s.log.Warn("relay: bad frame, closing", "node", c.id, "type", hdr[0], "len", n)
-			return errors.New("bad frame")
+			return ErrBadFrame
 		}
 		var dst [32]byte
 		copy(dst[:], hdr[1:33])
 		frame := make([]byte, headerLen+n)
 		if _, err := io.ReadFull(br, frame[headerLen:]); err != nil {
+			if err == io.EOF {
+				err = io.ErrUnexpectedEOF
+			}
 			return err
 		}
 		payload := frame[headerLen:]
@@ -450,7 +447,7 @@ func (s *Server) readLoop(c *conn) error {
 			c.lastCheck = now
 			if key, ok := s.o.Lookup(c.id); !ok || key != c.key {
 				s.log.Warn("relay: node revoked or rekeyed, closing", "node", c.id)
-				return errors.New("node no longer authorized")
+				return ErrRevoked
 			}
 		}
 		if !IsWireGuard(payload) {
@@ -478,15 +475,60 @@ func (s *Server) readLoop(c *conn) error {
 			s.dropNoDst.Add(1)
 			continue
 		}
+		// The source is always the sender's authenticated key.
 		frame[0] = frameFrom
 		copy(frame[1:33], c.key[:])
 		binary.BigEndian.PutUint16(frame[33:35], uint16(n))
 		select {
 		case d.sendq <- frame:
 			s.forwarded.Add(1)
+			s.forwardedBytes.Add(uint64(n))
 		default:
 			s.dropQueue.Add(1)
 		}
+	}
+}
+
+// timedWriter bounds each Write by WriteTimeout: with the stream's
+// SetWriteDeadline when it has one, else with a watchdog timer that calls
+// onStall (which closes the stream) if a Write is still running when it
+// fires. It is used by one goroutine at a time.
+type timedWriter struct {
+	w       io.Writer
+	dl      interface{ SetWriteDeadline(time.Time) error }
+	onStall func()
+	timer   *time.Timer
+}
+
+func newTimedWriter(w io.Writer, onStall func()) *timedWriter {
+	tw := &timedWriter{w: w, onStall: onStall}
+	tw.dl, _ = w.(interface{ SetWriteDeadline(time.Time) error })
+	return tw
+}
+
+func (t *timedWriter) Write(p []byte) (int, error) {
+	if t.dl != nil {
+		if err := t.dl.SetWriteDeadline(time.Now().Add(time.Duration(writeTimeout.Load()))); err == nil {
+			return t.w.Write(p)
+		}
+		// A stream that cannot set deadlines after all (e.g. a wrapper
+		// around a conn without them): fall back to the watchdog.
+		t.dl = nil
+	}
+	d := time.Duration(writeTimeout.Load())
+	if t.timer == nil {
+		t.timer = time.AfterFunc(d, t.onStall)
+	} else {
+		t.timer.Reset(d)
+	}
+	n, err := t.w.Write(p)
+	t.timer.Stop()
+	return n, err
+}
+
+func (t *timedWriter) stop() {
+	if t.timer != nil {
+		t.timer.Stop()
 	}
 }
 
@@ -510,49 +552,79 @@ func IsWireGuard(p []byte) bool {
 	return false
 }
 
-// Client is a node's connection to the relay. Send and Recv may be called
-// from different goroutines.
+// Client is a node's end of a relay stream.
+//
+// Send may be called from any number of goroutines; Recv from one at a
+// time (typically one receive loop). Neither blocks forever on a stuck
+// stream: a write that takes longer than WriteTimeout closes the stream
+// (SetWriteDeadline if the stream has it, else a watchdog calling Close;
+// see the package doc for what the stream's Close must do), and Recv
+// returns an error once the stream is closed.
 type Client struct {
-	tc  *tls.Conn
-	wmu sync.Mutex
-	rmu sync.Mutex
-	br  *bufio.Reader
+	rw io.ReadWriteCloser
+
+	wmu    sync.Mutex
+	tw     *timedWriter
+	wbuf   []byte
+	closed atomic.Bool
+
+	rmu  sync.Mutex
+	br   *bufio.Reader
+	rbuf []byte
+
+	closeOnce sync.Once
+	closeErr  error
 }
 
-// Dial connects to the relay at addr with the node's mTLS certificate,
-// verifying the relay's certificate against ca (ServerAuth, no host name
-// check). With TLS 1.3 a refused certificate may only show as an error from
-// the first Recv.
-func Dial(ctx context.Context, addr string, cert tls.Certificate, ca *x509.Certificate) (*Client, error) {
-	cfg := pki.CATLSConfig(ca)
-	cfg.Certificates = []tls.Certificate{cert}
-	d := &tls.Dialer{Config: cfg}
-	nc, err := d.DialContext(ctx, "tcp", addr)
-	if err != nil {
-		return nil, fmt.Errorf("relay: dial %s: %w", addr, err)
-	}
-	tc := nc.(*tls.Conn)
-	return &Client{tc: tc, br: bufio.NewReaderSize(tc, 32<<10)}, nil
+// NewClient returns a relay client speaking over rw, a stream to the relay:
+// typically an SSH channel of type wire.SSHRelayChannel on the node's
+// connection to the proxy's SSH server (the relay knows the node by that
+// connection's certificate), or one end of a net.Pipe for an in-process
+// relay. The Client owns rw: Close closes it.
+func NewClient(rw io.ReadWriteCloser) *Client {
+	c := &Client{rw: rw, br: bufio.NewReaderSize(rw, 32<<10)}
+	c.tw = newTimedWriter(rw, func() { c.Close() })
+	return c
 }
 
-// Send asks the relay to deliver pkt (a WireGuard message) to the node
-// holding dst. Delivery is best effort: the relay drops silently.
+// Send asks the relay to deliver pkt (a WireGuard message, 1..65535 bytes)
+// to the node holding dst. It returns once the frame is written to the
+// stream; delivery is best effort (the relay drops silently). pkt is not
+// retained. A write error (including a write stuck for WriteTimeout)
+// closes the client, since the stream may hold half a frame; later Sends
+// return ErrClientClosed.
 func (c *Client) Send(dst [32]byte, pkt []byte) error {
 	if len(pkt) == 0 || len(pkt) > DefaultMaxPacket {
 		return fmt.Errorf("relay: packet length %d not in 1..%d", len(pkt), DefaultMaxPacket)
 	}
-	f := make([]byte, headerLen+len(pkt))
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if c.closed.Load() {
+		return ErrClientClosed
+	}
+	n := headerLen + len(pkt)
+	if cap(c.wbuf) < n {
+		c.wbuf = make([]byte, n, max(n, 2048))
+	}
+	f := c.wbuf[:n]
 	f[0] = frameSend
 	copy(f[1:33], dst[:])
 	binary.BigEndian.PutUint16(f[33:35], uint16(len(pkt)))
 	copy(f[headerLen:], pkt)
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
-	_, err := c.tc.Write(f)
-	return err
+	if _, err := c.tw.Write(f); err != nil {
+		c.Close()
+		return fmt.Errorf("relay: send: %w", err)
+	}
+	return nil
 }
 
-// Recv blocks until the relay delivers a packet and returns its source key.
+// Recv blocks until the relay delivers a packet and returns it with its
+// source: the WireGuard key of the node that sent it, as the relay
+// authenticated it. pkt aliases the client's receive buffer: it is valid
+// only until the next Recv call, so copy it to keep it. Recv must not be
+// called concurrently with itself. Any error is final (the stream ended,
+// or the relay broke the protocol, which closes the client): open a new
+// stream and a new Client to reconnect.
 func (c *Client) Recv() (src [32]byte, pkt []byte, err error) {
 	c.rmu.Lock()
 	defer c.rmu.Unlock()
@@ -560,17 +632,31 @@ func (c *Client) Recv() (src [32]byte, pkt []byte, err error) {
 	if _, err := io.ReadFull(c.br, hdr[:]); err != nil {
 		return src, nil, err
 	}
-	if hdr[0] != frameFrom {
-		c.tc.Close()
-		return src, nil, fmt.Errorf("relay: unexpected frame type %d", hdr[0])
+	n := int(binary.BigEndian.Uint16(hdr[33:]))
+	if hdr[0] != frameFrom || n == 0 {
+		c.Close()
+		return src, nil, fmt.Errorf("relay: unexpected frame (type %d, length %d)", hdr[0], n)
 	}
 	copy(src[:], hdr[1:33])
-	pkt = make([]byte, binary.BigEndian.Uint16(hdr[33:]))
+	if c.rbuf == nil {
+		c.rbuf = make([]byte, DefaultMaxPacket)
+	}
+	pkt = c.rbuf[:n]
 	if _, err := io.ReadFull(c.br, pkt); err != nil {
+		if err == io.EOF {
+			err = io.ErrUnexpectedEOF
+		}
 		return src, nil, err
 	}
 	return src, pkt, nil
 }
 
-// Close closes the connection.
-func (c *Client) Close() error { return c.tc.Close() }
+// Close closes the stream; a blocked Recv or Send returns. It is
+// idempotent and returns the stream's Close error of the first call.
+func (c *Client) Close() error {
+	c.closeOnce.Do(func() {
+		c.closed.Store(true)
+		c.closeErr = c.rw.Close()
+	})
+	return c.closeErr
+}

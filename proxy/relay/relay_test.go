@@ -2,21 +2,18 @@ package relay
 
 import (
 	"bytes"
-	"context"
 	"crypto/rand"
-	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"io"
 	"net"
 	"runtime"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
-
-	"github.com/meshctl/meshctl/pki"
 )
 
 type msg struct {
@@ -26,11 +23,8 @@ type msg struct {
 }
 
 type env struct {
-	t        *testing.T
-	ca       *pki.CA
-	srv      *Server
-	addr     string
-	serveErr chan error
+	t   *testing.T
+	srv *Server
 
 	mu   sync.Mutex
 	keys map[string][32]byte // Lookup table
@@ -38,25 +32,10 @@ type env struct {
 	offset atomic.Int64 // added to time.Now for Options.Now
 }
 
-func newCA(t *testing.T) *pki.CA {
-	t.Helper()
-	ca, _, err := pki.LoadOrCreateCA(t.TempDir(), time.Now())
-	if err != nil {
-		t.Fatal(err)
-	}
-	return ca
-}
-
 func newEnv(t *testing.T, mod func(*Options)) *env {
 	t.Helper()
-	e := &env{t: t, ca: newCA(t), keys: map[string][32]byte{}, serveErr: make(chan error, 1)}
-	sc, err := e.ca.IssueServerCert([]string{"127.0.0.1"}, time.Now(), 24*time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
+	e := &env{t: t, keys: map[string][32]byte{}}
 	o := Options{
-		TLSCert:  sc,
-		ClientCA: e.ca.Cert,
 		Lookup: func(id string) ([32]byte, bool) {
 			e.mu.Lock()
 			defer e.mu.Unlock()
@@ -68,16 +47,11 @@ func newEnv(t *testing.T, mod func(*Options)) *env {
 	if mod != nil {
 		mod(&o)
 	}
+	var err error
 	e.srv, err = New(o)
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	e.addr = ln.Addr().String()
-	go func() { e.serveErr <- e.srv.Serve(ln) }()
 	t.Cleanup(func() { e.srv.Close() })
 	return e
 }
@@ -90,86 +64,109 @@ func randKey(t *testing.T) [32]byte {
 	return k
 }
 
-// certFrom issues a client certificate for id from ca.
-func certFrom(t *testing.T, ca *pki.CA, id string, now time.Time) tls.Certificate {
-	t.Helper()
-	key, err := pki.GenerateKey()
-	if err != nil {
-		t.Fatal(err)
-	}
-	csr, err := pki.NewCSR(key, id)
-	if err != nil {
-		t.Fatal(err)
-	}
-	leaf, err := ca.SignClientCSR(csr, id, now, 24*time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return tls.Certificate{Certificate: [][]byte{leaf.Raw}, PrivateKey: key, Leaf: leaf}
+// node registers id in Lookup with a fresh key.
+func (e *env) node(id string) [32]byte {
+	k := randKey(e.t)
+	e.setKey(id, k)
+	return k
 }
 
-// node registers id in Lookup with a fresh key and returns its certificate.
-func (e *env) node(id string) (tls.Certificate, [32]byte) {
-	k := randKey(e.t)
+func (e *env) setKey(id string, k [32]byte) {
 	e.mu.Lock()
 	e.keys[id] = k
 	e.mu.Unlock()
-	return certFrom(e.t, e.ca, id, time.Now()), k
 }
 
-func (e *env) dial(cert tls.Certificate) (*Client, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	return Dial(ctx, e.addr, cert, e.ca.Cert)
+func (e *env) revoke(id string) {
+	e.mu.Lock()
+	delete(e.keys, id)
+	e.mu.Unlock()
 }
 
-// connect dials as id, starts a receive loop and waits until the server
-// lists id as connected.
-func (e *env) connect(id string) (*Client, [32]byte, <-chan msg) {
-	e.t.Helper()
-	cert, key := e.node(id)
-	c, ch := e.connectCert(id, cert)
-	return c, key, ch
+// pipe returns the two ends of an in-memory stream (net.Pipe: it has
+// deadlines).
+func pipe(*testing.T) (client, server io.ReadWriteCloser) {
+	c, s := net.Pipe()
+	return c, s
 }
 
-func (e *env) connectCert(id string, cert tls.Certificate) (*Client, <-chan msg) {
-	e.t.Helper()
-	c, err := e.dial(cert)
+// tcpPair returns the two ends of a real loopback TCP connection.
+func tcpPair(t *testing.T) (client, server io.ReadWriteCloser) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
-		e.t.Fatalf("dial %s: %v", id, err)
+		t.Fatal(err)
 	}
+	defer ln.Close()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			close(accepted)
+			return
+		}
+		accepted <- c
+	}()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, ok := <-accepted
+	if !ok {
+		t.Fatal("accept failed")
+	}
+	return c, s
+}
+
+// noDeadline hides a stream's deadline methods (like an SSH channel), so
+// the watchdog path is used.
+type noDeadline struct{ rw io.ReadWriteCloser }
+
+func (n noDeadline) Read(p []byte) (int, error)  { return n.rw.Read(p) }
+func (n noDeadline) Write(p []byte) (int, error) { return n.rw.Write(p) }
+func (n noDeadline) Close() error                { return n.rw.Close() }
+
+// serve runs ServeConn(id, srvEnd) and returns a channel with its result.
+func (e *env) serve(id string, srvEnd io.ReadWriteCloser) <-chan error {
+	done := make(chan error, 1)
+	go func() { done <- e.srv.ServeConn(id, srvEnd) }()
+	return done
+}
+
+type peer struct {
+	c      *Client
+	key    [32]byte
+	in     <-chan msg
+	served <-chan error // ServeConn's result
+}
+
+// connect registers id with a fresh key and attaches it over a net.Pipe.
+func (e *env) connect(id string) peer {
+	e.t.Helper()
+	return e.connectKey(id, e.node(id), pipe)
+}
+
+// connectKey attaches id (whose Lookup key must be key) over a stream
+// made by mk, starts a receive loop and waits until the server lists id.
+func (e *env) connectKey(id string, key [32]byte, mk func(*testing.T) (io.ReadWriteCloser, io.ReadWriteCloser)) peer {
+	e.t.Helper()
+	cEnd, sEnd := mk(e.t)
+	c := NewClient(cEnd)
 	e.t.Cleanup(func() { c.Close() })
+	served := e.serve(id, sEnd)
 	ch := recvLoop(c)
 	e.waitFor(func() bool { return slices.Contains(e.srv.Connected(), id) }, id+" connected")
-	return c, ch
+	return peer{c: c, key: key, in: ch, served: served}
 }
 
-// recvErr returns the error of c's first Recv, or nil if it is still
-// blocked after 5 s (the connection was accepted).
-func recvErr(c *Client) error {
-	ch := make(chan error, 1)
-	go func() {
-		_, _, err := c.Recv()
-		ch <- err
-	}()
-	select {
-	case err := <-ch:
-		if err == nil {
-			return nil
-		}
-		return err
-	case <-time.After(5 * time.Second):
-		return nil
-	}
-}
-
+// recvLoop copies every packet out of the client's reused buffer.
 func recvLoop(c *Client) <-chan msg {
 	ch := make(chan msg, 4096)
 	go func() {
 		defer close(ch)
 		for {
 			src, pkt, err := c.Recv()
-			ch <- msg{src, pkt, err}
+			ch <- msg{src, bytes.Clone(pkt), err}
 			if err != nil {
 				return
 			}
@@ -181,10 +178,15 @@ func recvLoop(c *Client) <-chan msg {
 // waitFor polls cond until it holds or a 5 s deadline passes.
 func (e *env) waitFor(cond func() bool, what string) {
 	e.t.Helper()
+	waitFor(e.t, cond, what)
+}
+
+func waitFor(t *testing.T, cond func() bool, what string) {
+	t.Helper()
 	deadline := time.Now().Add(5 * time.Second)
 	for !cond() {
 		if time.Now().After(deadline) {
-			e.t.Fatalf("timed out waiting for %s", what)
+			t.Fatalf("timed out waiting for %s", what)
 		}
 		time.Sleep(2 * time.Millisecond)
 	}
@@ -220,10 +222,23 @@ func expectClosed(t *testing.T, ch <-chan msg, what string) {
 			if !ok || m.err != nil {
 				return
 			}
-			t.Fatalf("%s: received a packet, want the connection closed", what)
+			t.Fatalf("%s: received a packet, want the stream closed", what)
 		case <-timeout:
-			t.Fatalf("%s: connection still open", what)
+			t.Fatalf("%s: stream still open", what)
 		}
+	}
+}
+
+// expectServed waits for ServeConn's result and checks it is want.
+func expectServed(t *testing.T, served <-chan error, want error, what string) {
+	t.Helper()
+	select {
+	case err := <-served:
+		if !errors.Is(err, want) {
+			t.Fatalf("%s: ServeConn returned %v, want %v", what, err, want)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatalf("%s: ServeConn still running", what)
 	}
 }
 
@@ -237,29 +252,77 @@ func wgPacket(t *testing.T, typ byte, n int) []byte {
 }
 
 func TestExchange(t *testing.T) {
-	e := newEnv(t, nil)
-	a, ka, cha := e.connect("node-a")
-	b, kb, chb := e.connect("node-b")
-	if got := e.srv.Connected(); !slices.Equal(got, []string{"node-a", "node-b"}) {
-		t.Fatalf("Connected() = %v", got)
+	for name, mk := range map[string]func(*testing.T) (io.ReadWriteCloser, io.ReadWriteCloser){
+		"pipe": pipe,
+		"tcp":  tcpPair,
+		"no deadlines": func(t *testing.T) (io.ReadWriteCloser, io.ReadWriteCloser) {
+			c, s := tcpPair(t)
+			return noDeadline{c}, noDeadline{s}
+		},
+	} {
+		t.Run(name, func(t *testing.T) {
+			e := newEnv(t, nil)
+			a := e.connectKey("node-a", e.node("node-a"), mk)
+			b := e.connectKey("node-b", e.node("node-b"), mk)
+			if got := e.srv.Connected(); !slices.Equal(got, []string{"node-a", "node-b"}) {
+				t.Fatalf("Connected() = %v", got)
+			}
+			var bytesSent uint64
+			for _, p := range [][]byte{wgPacket(t, 4, 32+200), wgPacket(t, 1, 148), wgPacket(t, 2, 92), wgPacket(t, 3, 64), wgPacket(t, 4, 65535)} {
+				if err := a.c.Send(b.key, p); err != nil {
+					t.Fatal(err)
+				}
+				expect(t, b.in, a.key, p)
+				q := wgPacket(t, p[0], len(p))
+				if err := b.c.Send(a.key, q); err != nil {
+					t.Fatal(err)
+				}
+				expect(t, a.in, b.key, q)
+				bytesSent += 2 * uint64(len(p))
+			}
+			st := e.srv.Stats()
+			if st.Forwarded != 10 || st.ForwardedBytes != bytesSent || st.Connected != 2 {
+				t.Fatalf("Stats() = %+v, want 10 packets, %d bytes, 2 connected", st, bytesSent)
+			}
+			// The client ending its stream ends ServeConn with nil.
+			a.c.Close()
+			expectServed(t, a.served, nil, "client closed")
+			e.waitFor(func() bool { return slices.Equal(e.srv.Connected(), []string{"node-b"}) }, "node-a gone")
+		})
 	}
-	for _, p := range [][]byte{wgPacket(t, 4, 32+200), wgPacket(t, 1, 148), wgPacket(t, 2, 92), wgPacket(t, 3, 64), wgPacket(t, 4, 65535)} {
-		if err := a.Send(kb, p); err != nil {
-			t.Fatal(err)
-		}
-		expect(t, chb, ka, p)
-		q := wgPacket(t, p[0], len(p))
-		if err := b.Send(ka, q); err != nil {
-			t.Fatal(err)
-		}
-		expect(t, cha, kb, q)
+}
+
+// Recv reuses its buffer: the packet it returned is overwritten by the
+// next Recv (documented), and is exactly the payload until then.
+func TestRecvReusesBuffer(t *testing.T) {
+	e := newEnv(t, nil)
+	a := e.connect("node-a")
+	kb := e.node("node-b")
+	cEnd, sEnd := pipe(t)
+	b := NewClient(cEnd)
+	defer b.Close()
+	e.serve("node-b", sEnd)
+	e.waitFor(func() bool { return slices.Contains(e.srv.Connected(), "node-b") }, "node-b connected")
+	p1, p2 := wgPacket(t, 4, 100), wgPacket(t, 4, 100)
+	a.c.Send(kb, p1)
+	a.c.Send(kb, p2)
+	_, got1, err := b.Recv()
+	if err != nil || !bytes.Equal(got1, p1) {
+		t.Fatalf("first Recv: %v, %x", err, head(got1))
+	}
+	_, got2, err := b.Recv()
+	if err != nil || !bytes.Equal(got2, p2) {
+		t.Fatalf("second Recv: %v, %x", err, head(got2))
+	}
+	if &got1[0] != &got2[0] {
+		t.Fatal("Recv did not reuse its buffer, as documented")
 	}
 }
 
 func TestNonWireGuardDropped(t *testing.T) {
 	e := newEnv(t, nil)
-	a, _, _ := e.connect("node-a")
-	_, kb, chb := e.connect("node-b")
+	a := e.connect("node-a")
+	b := e.connect("node-b")
 	badInit := wgPacket(t, 1, 100) // type 1 with the wrong length
 	badReserved := wgPacket(t, 4, 64)
 	badReserved[2] = 7
@@ -269,209 +332,238 @@ func TestNonWireGuardDropped(t *testing.T) {
 		badReserved,
 		wgPacket(t, 4, 31), // too short for transport data
 		wgPacket(t, 5, 64), // unknown type
+		wgPacket(t, 2, 148),
 	}
 	for _, j := range junk {
-		if err := a.Send(kb, j); err != nil {
+		if err := a.c.Send(b.key, j); err != nil {
 			t.Fatal(err)
 		}
 	}
 	marker := wgPacket(t, 4, 48)
-	if err := a.Send(kb, marker); err != nil {
+	if err := a.c.Send(b.key, marker); err != nil {
 		t.Fatal(err)
 	}
 	select {
-	case m := <-chb:
+	case m := <-b.in:
 		if m.err != nil || !bytes.Equal(m.pkt, marker) {
 			t.Fatalf("first packet delivered is not the marker (err %v, %q)", m.err, head(m.pkt))
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("marker not delivered")
 	}
-	if n := e.srv.dropNotWG.Load(); n != uint64(len(junk)) {
+	if n := e.srv.Stats().DropNotWG; n != uint64(len(junk)) {
 		t.Fatalf("dropped %d non-WireGuard payloads, want %d", n, len(junk))
+	}
+	if got := e.srv.Connected(); !slices.Equal(got, []string{"node-a", "node-b"}) {
+		t.Fatalf("a dropped payload closed a stream: Connected() = %v", got)
 	}
 }
 
 func TestRefused(t *testing.T) {
 	e := newEnv(t, nil)
-	other := newCA(t)
-	goodCert, _ := e.node("good")
-
-	cases := []struct {
-		name  string
-		cert  tls.Certificate
-		setup func()
-		reset func()
-	}{
-		{name: "no certificate", cert: tls.Certificate{}},
-		{name: "other CA", cert: certFrom(t, other, "good", time.Now())},
-		{name: "expired", cert: goodCert,
-			setup: func() { e.offset.Store(int64(48 * time.Hour)) },
-			reset: func() { e.offset.Store(0) }},
-		{name: "not yet valid", cert: goodCert,
-			setup: func() { e.offset.Store(int64(-time.Hour)) },
-			reset: func() { e.offset.Store(0) }},
-		{name: "unknown node", cert: certFrom(t, e.ca, "stranger", time.Now())},
-		{name: "server certificate as client", cert: func() tls.Certificate {
-			c, err := e.ca.IssueServerCert([]string{"good"}, time.Now(), time.Hour)
-			if err != nil {
-				t.Fatal(err)
+	e.node("good")
+	for _, id := range []string{"stranger", "", "GOOD", "good "} {
+		t.Run(id, func(t *testing.T) {
+			before := e.srv.Stats().Refused
+			cEnd, sEnd := pipe(t)
+			c := NewClient(cEnd)
+			defer c.Close()
+			expectServed(t, e.serve(id, sEnd), ErrRefused, "unknown node")
+			if _, _, err := c.Recv(); err == nil {
+				t.Fatal("refused stream delivered a frame")
 			}
-			return c
-		}()},
-	}
-	for _, tc := range cases {
-		t.Run(tc.name, func(t *testing.T) {
-			if tc.setup != nil {
-				tc.setup()
-				defer tc.reset()
+			if err := c.Send(randKey(t), wgPacket(t, 4, 40)); err == nil {
+				t.Fatal("Send on a refused stream succeeded")
 			}
-			before := e.srv.refusedConn.Load()
-			c, err := e.dial(tc.cert)
-			if err == nil {
-				defer c.Close()
-				// A refused connection is closed by the server.
-				if err = recvErr(c); err == nil {
-					t.Fatal("connection accepted")
-				}
+			if got := e.srv.Stats().Refused; got != before+1 {
+				t.Fatalf("refusals counted: %d, want %d", got, before+1)
 			}
-			t.Logf("client error: %v", err)
-			e.waitFor(func() bool { return e.srv.refusedConn.Load() == before+1 }, "the server to count the refusal")
 			if got := e.srv.Connected(); len(got) != 0 {
 				t.Fatalf("Connected() = %v", got)
 			}
 		})
 	}
 
-	// Revoked (removed from Lookup) after it was issued, then it tries again.
-	e.mu.Lock()
-	delete(e.keys, "good")
-	e.mu.Unlock()
-	c, err := e.dial(goodCert)
-	if err == nil {
-		defer c.Close()
-		if err = recvErr(c); err == nil {
-			t.Fatal("revoked node accepted")
-		}
-	}
+	// Revoked (removed from Lookup), then it tries again.
+	e.revoke("good")
+	cEnd, sEnd := pipe(t)
+	defer cEnd.Close()
+	expectServed(t, e.serve("good", sEnd), ErrRefused, "revoked node")
 
-	// The good certificate works when the node is known (the refusals above
-	// are not a broken setup).
-	e.mu.Lock()
-	e.keys["good"] = randKey(t)
-	e.mu.Unlock()
-	e.connectCert("good", goodCert)
+	// The name works when the node is known (the refusals above are not a
+	// broken setup).
+	e.connect("good")
 }
 
 func TestDrop(t *testing.T) {
 	e := newEnv(t, nil)
-	a, _, cha := e.connect("node-a")
-	_, kb, chb := e.connect("node-b")
+	a := e.connect("node-a")
+	b := e.connect("node-b")
 	e.srv.Drop("node-a")
 	if got := e.srv.Connected(); !slices.Equal(got, []string{"node-b"}) {
 		t.Fatalf("after Drop, Connected() = %v", got)
 	}
-	expectClosed(t, cha, "dropped node")
-	if err := a.Send(kb, wgPacket(t, 4, 40)); err == nil {
-		// The write may still succeed locally; it must not be delivered.
-		e.waitFor(func() bool { return e.srv.forwarded.Load() == 0 }, "nothing forwarded")
+	expectClosed(t, a.in, "dropped node")
+	expectServed(t, a.served, ErrDropped, "dropped node")
+	if err := a.c.Send(b.key, wgPacket(t, 4, 40)); err == nil {
+		t.Fatal("Send on a dropped stream succeeded")
+	}
+	if n := e.srv.Stats().Forwarded; n != 0 {
+		t.Fatalf("%d packets forwarded", n)
 	}
 	select {
-	case m := <-chb:
+	case m := <-b.in:
 		t.Fatalf("B received %v after A was dropped", m)
 	default:
+	}
+	e.srv.Drop("node-a") // idempotent
+	e.srv.Drop("nobody") // unknown: nothing happens
+	if got := e.srv.Connected(); !slices.Equal(got, []string{"node-b"}) {
+		t.Fatalf("Connected() = %v", got)
 	}
 }
 
 func TestRevokedWhileConnected(t *testing.T) {
-	e := newEnv(t, nil)
-	a, _, cha := e.connect("node-a")
-	b, kb, chb := e.connect("node-b")
-	e.mu.Lock()
-	delete(e.keys, "node-a")
-	e.mu.Unlock()
-	// Within the re-check interval A may still send; after it the next send
-	// closes A.
-	e.offset.Store(int64(2 * time.Second))
-	_ = a.Send(kb, wgPacket(t, 4, 40))
-	expectClosed(t, cha, "revoked node")
-	e.waitFor(func() bool { return !slices.Contains(e.srv.Connected(), "node-a") }, "node-a gone")
-	// B, still known, is unaffected.
-	if got := e.srv.Connected(); !slices.Equal(got, []string{"node-b"}) {
-		t.Fatalf("Connected() = %v", got)
+	for name, change := range map[string]func(e *env){
+		"revoked": func(e *env) { e.revoke("node-a") },
+		"rekeyed": func(e *env) { e.node("node-a") },
+	} {
+		t.Run(name, func(t *testing.T) {
+			e := newEnv(t, nil)
+			a := e.connect("node-a")
+			b := e.connect("node-b")
+			change(e)
+			// Within the re-check interval A may still send; after it the
+			// next send closes A, and that packet is not forwarded.
+			e.offset.Store(int64(2 * time.Second))
+			_ = a.c.Send(b.key, wgPacket(t, 4, 40))
+			expectClosed(t, a.in, "revoked node")
+			expectServed(t, a.served, ErrRevoked, "revoked node")
+			e.waitFor(func() bool { return !slices.Contains(e.srv.Connected(), "node-a") }, "node-a gone")
+			if got := e.srv.Connected(); !slices.Equal(got, []string{"node-b"}) {
+				t.Fatalf("Connected() = %v", got)
+			}
+			if n := e.srv.Stats().Forwarded; n != 0 {
+				t.Fatalf("%d packets from the revoked node were forwarded", n)
+			}
+		})
 	}
-	if n := e.srv.forwarded.Load(); n != 0 {
-		t.Fatalf("%d packets from the revoked node were forwarded", n)
-	}
-	_, _ = b, chb
 }
 
 func TestUnknownDestination(t *testing.T) {
 	e := newEnv(t, nil)
-	a, ka, _ := e.connect("node-a")
-	_, kb, chb := e.connect("node-b")
-	if err := a.Send(randKey(t), wgPacket(t, 4, 64)); err != nil {
+	a := e.connect("node-a")
+	b := e.connect("node-b")
+	if err := a.c.Send(randKey(t), wgPacket(t, 4, 64)); err != nil {
 		t.Fatalf("send to unknown key: %v", err)
 	}
-	if err := a.Send(ka, wgPacket(t, 4, 64)); err != nil { // to itself
+	if err := a.c.Send(a.key, wgPacket(t, 4, 64)); err != nil { // to itself
 		t.Fatalf("send to own key: %v", err)
 	}
 	p := wgPacket(t, 4, 80)
-	if err := a.Send(kb, p); err != nil {
+	if err := a.c.Send(b.key, p); err != nil {
 		t.Fatal(err)
 	}
-	expect(t, chb, ka, p)
-	if n := e.srv.dropNoDst.Load(); n != 2 {
+	expect(t, b.in, a.key, p)
+	if n := e.srv.Stats().DropNoDst; n != 2 {
 		t.Fatalf("dropped %d packets without destination, want 2", n)
+	}
+	select {
+	case m := <-a.in:
+		t.Fatalf("A received its own packet: %v", m)
+	default:
 	}
 	if got := e.srv.Connected(); !slices.Equal(got, []string{"node-a", "node-b"}) {
 		t.Fatalf("Connected() = %v", got)
 	}
 }
 
-func TestBadFrameClosesConnection(t *testing.T) {
+// The source key of a delivered packet is always the sender's key from
+// Lookup: a client frame cannot name a source, and a client that sends a
+// server-style "from" frame (claiming another node's key) is cut without
+// anything being delivered.
+func TestSourceCannotBeSpoofed(t *testing.T) {
 	e := newEnv(t, nil)
-	cert, _ := e.node("node-a")
+	b := e.connect("node-b")
+	c := e.connect("node-c")
+	ka := e.node("node-a")
+	cEnd, sEnd := pipe(t)
+	defer cEnd.Close()
+	served := e.serve("node-a", sEnd)
+	e.waitFor(func() bool { return slices.Contains(e.srv.Connected(), "node-a") }, "node-a connected")
+
+	// A legitimate frame whose payload carries C's key where a naive relay
+	// might look for a source: still delivered as from A.
+	p := wgPacket(t, 4, 64)
+	copy(p[8:40], c.key[:])
+	f := make([]byte, headerLen+len(p))
+	f[0] = frameSend
+	copy(f[1:33], b.key[:])
+	binary.BigEndian.PutUint16(f[33:], uint16(len(p)))
+	copy(f[headerLen:], p)
+	if _, err := cEnd.Write(f); err != nil {
+		t.Fatal(err)
+	}
+	expect(t, b.in, ka, p)
+
+	// A "from C" frame, as the relay would send it, to B.
+	spoof := slices.Clone(f)
+	spoof[0] = frameFrom
+	copy(spoof[1:33], c.key[:])
+	go cEnd.Write(spoof) // the relay closes the stream mid-frame
+	expectServed(t, served, ErrBadFrame, "spoofing sender")
+	select {
+	case m := <-b.in:
+		t.Fatalf("B received %x... from %x after the spoof", head(m.pkt), m.src[:4])
+	case <-time.After(50 * time.Millisecond):
+	}
+	if st := e.srv.Stats(); st.Forwarded != 1 || st.BadFrames != 1 {
+		t.Fatalf("Stats() = %+v, want 1 forwarded, 1 bad frame", st)
+	}
+}
+
+func TestBadFrameClosesStream(t *testing.T) {
+	e := newEnv(t, nil)
+	e.node("node-a")
 	for _, tc := range []struct {
 		name string
 		typ  byte
 		n    int
 	}{{"type 2 from client", 2, 40}, {"type 0", 0, 40}, {"zero length", 1, 0}} {
 		t.Run(tc.name, func(t *testing.T) {
-			cfg := pki.CATLSConfig(e.ca.Cert)
-			cfg.Certificates = []tls.Certificate{cert}
-			conn, err := tls.Dial("tcp", e.addr, cfg)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer conn.Close()
+			cEnd, sEnd := tcpPair(t)
+			defer cEnd.Close()
+			served := e.serve("node-a", sEnd)
 			e.waitFor(func() bool { return slices.Contains(e.srv.Connected(), "node-a") }, "connected")
 			f := make([]byte, headerLen+tc.n)
 			f[0] = tc.typ
 			binary.BigEndian.PutUint16(f[33:], uint16(tc.n))
-			if _, err := conn.Write(f); err != nil {
+			if _, err := cEnd.Write(f); err != nil {
 				t.Fatal(err)
 			}
+			conn := cEnd.(net.Conn)
 			conn.SetReadDeadline(time.Now().Add(5 * time.Second))
-			_, err = conn.Read(make([]byte, 1))
+			_, err := conn.Read(make([]byte, 1))
 			var ne net.Error
 			if err == nil || (errors.As(err, &ne) && ne.Timeout()) {
-				t.Fatalf("connection not closed after bad frame: %v", err)
+				t.Fatalf("stream not closed after bad frame: %v", err)
 			}
+			expectServed(t, served, ErrBadFrame, tc.name)
 			e.waitFor(func() bool { return len(e.srv.Connected()) == 0 }, "node-a gone")
 		})
 	}
-	if n := e.srv.badFrames.Load(); n != 3 {
+	if n := e.srv.Stats().BadFrames; n != 3 {
 		t.Fatalf("counted %d bad frames, want 3", n)
 	}
 }
 
-func TestOversizeFrameClosesConnection(t *testing.T) {
+func TestOversizeFrameClosesStream(t *testing.T) {
 	e := newEnv(t, func(o *Options) { o.MaxPacket = 1000 })
-	a, _, cha := e.connect("node-a")
-	_, kb, _ := e.connect("node-b")
-	_ = a.Send(kb, wgPacket(t, 4, 1001))
-	expectClosed(t, cha, "oversize frame")
+	a := e.connect("node-a")
+	b := e.connect("node-b")
+	go a.c.Send(b.key, wgPacket(t, 4, 1001)) // the relay closes the pipe mid-frame
+	expectClosed(t, a.in, "oversize frame")
+	expectServed(t, a.served, ErrBadFrame, "oversize frame")
 }
 
 func TestRateLimit(t *testing.T) {
@@ -479,14 +571,14 @@ func TestRateLimit(t *testing.T) {
 	const burst = 2 * rate
 	const pktLen = 1024
 	e := newEnv(t, func(o *Options) { o.RateBytes = rate })
-	a, ka, _ := e.connect("node-a")
-	_, kb, chb := e.connect("node-b")
+	a := e.connect("node-a")
+	b := e.connect("node-b")
 
 	marker := wgPacket(t, 4, 32)
 	start := time.Now()
 	sent := 0
 	for i := 0; i < 1000; i++ { // 1 MiB, far above the budget
-		if err := a.Send(kb, wgPacket(t, 4, pktLen)); err != nil {
+		if err := a.c.Send(b.key, wgPacket(t, 4, pktLen)); err != nil {
 			t.Fatal(err)
 		}
 		sent += pktLen
@@ -495,7 +587,7 @@ func TestRateLimit(t *testing.T) {
 	// receives before the marker was sent before it. The marker itself may
 	// be rate limited; resend it until it arrives.
 	received := 0
-	if err := a.Send(kb, marker); err != nil {
+	if err := a.c.Send(b.key, marker); err != nil {
 		t.Fatal(err)
 	}
 	retry := time.NewTicker(50 * time.Millisecond)
@@ -504,11 +596,11 @@ func TestRateLimit(t *testing.T) {
 loop:
 	for {
 		select {
-		case m := <-chb:
+		case m := <-b.in:
 			if m.err != nil {
 				t.Fatal(m.err)
 			}
-			if m.src != ka {
+			if m.src != a.key {
 				t.Fatalf("unexpected source %x", m.src[:4])
 			}
 			if bytes.Equal(m.pkt, marker) {
@@ -516,7 +608,7 @@ loop:
 			}
 			received += len(m.pkt)
 		case <-retry.C:
-			if err := a.Send(kb, marker); err != nil {
+			if err := a.c.Send(b.key, marker); err != nil {
 				t.Fatal(err)
 			}
 		case <-timeout:
@@ -532,44 +624,134 @@ loop:
 	if received < burst/2 {
 		t.Fatalf("received only %d bytes, want at least half the burst (%d)", received, burst/2)
 	}
-	if e.srv.dropRate.Load() == 0 {
+	if e.srv.Stats().DropRate == 0 {
 		t.Fatal("no packet was counted as rate limited")
 	}
 }
 
-func TestSecondConnectionReplacesFirst(t *testing.T) {
+func TestSecondStreamReplacesFirst(t *testing.T) {
 	e := newEnv(t, nil)
-	cert, ka := e.node("node-a")
-	_, cha1 := e.connectCert("node-a", cert)
-	b, kb, _ := e.connect("node-b")
+	a1 := e.connect("node-a")
+	b := e.connect("node-b")
 
-	a2, err := e.dial(cert)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer a2.Close()
-	cha2 := recvLoop(a2)
-	expectClosed(t, cha1, "first connection of node-a")
+	a2 := e.connectKey("node-a", a1.key, pipe)
+	expectClosed(t, a1.in, "first stream of node-a")
+	expectServed(t, a1.served, ErrReplaced, "first stream of node-a")
 	e.waitFor(func() bool { return slices.Equal(e.srv.Connected(), []string{"node-a", "node-b"}) }, "node-a reconnected")
-	// Packets for A now reach the second connection, and A can send from it.
+	// Packets for A now reach the second stream, and A can send from it.
 	p := wgPacket(t, 4, 100)
-	if err := b.Send(ka, p); err != nil {
+	if err := b.c.Send(a1.key, p); err != nil {
 		t.Fatal(err)
 	}
-	expect(t, cha2, kb, p)
+	expect(t, a2.in, b.key, p)
+	q := wgPacket(t, 4, 100)
+	if err := a2.c.Send(b.key, q); err != nil {
+		t.Fatal(err)
+	}
+	expect(t, b.in, a1.key, q)
+
+	// Another name holding the same key (a node renamed, or re-enrolled
+	// with its key) replaces the stream too.
+	e.setKey("node-a2", a1.key)
+	a3 := e.connectKey("node-a2", a1.key, pipe)
+	expectClosed(t, a2.in, "stream holding the same key")
+	expectServed(t, a2.served, ErrReplaced, "stream holding the same key")
+	e.waitFor(func() bool { return slices.Equal(e.srv.Connected(), []string{"node-a2", "node-b"}) }, "node-a2 holds the key")
+	if err := b.c.Send(a1.key, p); err != nil {
+		t.Fatal(err)
+	}
+	expect(t, a3.in, b.key, p)
+}
+
+// A destination that does not read is cut after the write timeout, both
+// with deadlines (net.Pipe) and without (the watchdog); the sender is
+// unaffected.
+func TestStalledReceiverIsCut(t *testing.T) {
+	old := writeTimeout.Load()
+	writeTimeout.Store(int64(200 * time.Millisecond))
+	defer writeTimeout.Store(old)
+	for name, wrap := range map[string]func(io.ReadWriteCloser) io.ReadWriteCloser{
+		"deadline": func(rw io.ReadWriteCloser) io.ReadWriteCloser { return rw },
+		"watchdog": func(rw io.ReadWriteCloser) io.ReadWriteCloser { return noDeadline{rw} },
+	} {
+		t.Run(name, func(t *testing.T) {
+			e := newEnv(t, nil)
+			a := e.connect("node-a")
+			kb := e.node("node-b")
+			cEnd, sEnd := net.Pipe() // nobody reads cEnd
+			defer cEnd.Close()
+			served := e.serve("node-b", wrap(sEnd))
+			e.waitFor(func() bool { return slices.Contains(e.srv.Connected(), "node-b") }, "node-b connected")
+			if err := a.c.Send(kb, wgPacket(t, 4, 64)); err != nil {
+				t.Fatal(err)
+			}
+			expectServed(t, served, ErrWriteTimeout, "stalled receiver")
+			if got := e.srv.Connected(); !slices.Equal(got, []string{"node-a"}) {
+				t.Fatalf("Connected() = %v", got)
+			}
+		})
+	}
+}
+
+// Client.Send does not block forever on a stream nobody reads.
+func TestClientSendTimesOut(t *testing.T) {
+	old := writeTimeout.Load()
+	writeTimeout.Store(int64(200 * time.Millisecond))
+	defer writeTimeout.Store(old)
+	for name, wrap := range map[string]func(io.ReadWriteCloser) io.ReadWriteCloser{
+		"deadline": func(rw io.ReadWriteCloser) io.ReadWriteCloser { return rw },
+		"watchdog": func(rw io.ReadWriteCloser) io.ReadWriteCloser { return noDeadline{rw} },
+	} {
+		t.Run(name, func(t *testing.T) {
+			cEnd, sEnd := net.Pipe() // nobody reads sEnd
+			defer sEnd.Close()
+			c := NewClient(wrap(cEnd))
+			done := make(chan error, 2)
+			for range 2 { // a second sender waits for the first, not forever
+				go func() { done <- c.Send(randKey(t), wgPacket(t, 4, 64)) }()
+			}
+			for range 2 {
+				select {
+				case err := <-done:
+					if err == nil {
+						t.Fatal("Send to a stalled stream succeeded")
+					}
+				case <-time.After(5 * time.Second):
+					t.Fatal("Send blocked")
+				}
+			}
+			if err := c.Send(randKey(t), wgPacket(t, 4, 64)); !errors.Is(err, ErrClientClosed) {
+				t.Fatalf("Send after a timed-out write: %v, want ErrClientClosed", err)
+			}
+			if _, _, err := c.Recv(); err == nil {
+				t.Fatal("Recv on a closed client succeeded")
+			}
+		})
+	}
+}
+
+func TestClientRejects(t *testing.T) {
+	cEnd, sEnd := net.Pipe()
+	defer sEnd.Close()
+	c := NewClient(cEnd)
+	defer c.Close()
+	for _, n := range []int{0, DefaultMaxPacket + 1} {
+		if err := c.Send([32]byte{}, make([]byte, n)); err == nil {
+			t.Errorf("Send of %d bytes accepted", n)
+		}
+	}
+	// A relay that sends a client-style frame breaks the protocol.
+	go sEnd.Write(append([]byte{frameSend}, make([]byte, 34)...))
+	if _, _, err := c.Recv(); err == nil || !strings.Contains(err.Error(), "unexpected frame") {
+		t.Fatalf("Recv of a bad frame: %v", err)
+	}
 }
 
 func TestCloseEndsEverything(t *testing.T) {
 	base := runtime.NumGoroutine()
 	e := newEnv(t, nil)
-	a, _, cha := e.connect("node-a")
-	b, _, chb := e.connect("node-b")
-	// A connection still in its TLS handshake.
-	raw, err := net.Dial("tcp", e.addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer raw.Close()
+	a := e.connect("node-a")
+	b := e.connect("node-b")
 
 	done := make(chan struct{})
 	go func() { e.srv.Close(); close(done) }()
@@ -578,40 +760,36 @@ func TestCloseEndsEverything(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("Close did not return")
 	}
-	// Close waits for the connection goroutines, which untrack their
-	// connections before they end.
-	e.srv.mu.Lock()
-	open := len(e.srv.raw)
-	e.srv.mu.Unlock()
-	if open != 0 {
-		t.Fatalf("Close returned with %d connection goroutines still running", open)
+	// Close waits for the ServeConn calls.
+	for _, p := range []peer{a, b} {
+		select {
+		case err := <-p.served:
+			if !errors.Is(err, ErrServerClosed) {
+				t.Fatalf("ServeConn returned %v, want ErrServerClosed", err)
+			}
+		default:
+			t.Fatal("Close returned before ServeConn")
+		}
 	}
 	if err := e.srv.Close(); err != nil { // idempotent
 		t.Fatal(err)
 	}
-	select {
-	case err := <-e.serveErr:
-		if !errors.Is(err, ErrServerClosed) {
-			t.Fatalf("Serve returned %v", err)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("Serve did not return")
-	}
-	expectClosed(t, cha, "node-a")
-	expectClosed(t, chb, "node-b")
-	raw.SetReadDeadline(time.Now().Add(5 * time.Second))
-	if _, err := raw.Read(make([]byte, 1)); err != io.EOF {
-		var ne net.Error
-		if errors.As(err, &ne) && ne.Timeout() {
-			t.Fatal("handshaking connection not closed")
-		}
-	}
+	expectClosed(t, a.in, "node-a")
+	expectClosed(t, b.in, "node-b")
 	if got := e.srv.Connected(); len(got) != 0 {
 		t.Fatalf("Connected() = %v after Close", got)
 	}
-	a.Close()
-	b.Close()
-	raw.Close()
+	// Later streams are closed at once.
+	e.node("node-c")
+	cEnd, sEnd := pipe(t)
+	if err := e.srv.ServeConn("node-c", sEnd); !errors.Is(err, ErrServerClosed) {
+		t.Fatalf("ServeConn after Close: %v", err)
+	}
+	if _, err := cEnd.Read(make([]byte, 1)); err == nil {
+		t.Fatal("stream given after Close not closed")
+	}
+	a.c.Close()
+	b.c.Close()
 	deadline := time.Now().Add(5 * time.Second)
 	for runtime.NumGoroutine() > base {
 		if time.Now().After(deadline) {
@@ -623,23 +801,17 @@ func TestCloseEndsEverything(t *testing.T) {
 }
 
 func TestNewValidates(t *testing.T) {
-	ca := newCA(t)
-	sc, err := ca.IssueServerCert([]string{"127.0.0.1"}, time.Now(), time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
 	lookup := func(string) ([32]byte, bool) { return [32]byte{}, false }
 	for name, o := range map[string]Options{
-		"no cert":      {ClientCA: ca.Cert, Lookup: lookup},
-		"no CA":        {TLSCert: sc, Lookup: lookup},
-		"no lookup":    {TLSCert: sc, ClientCA: ca.Cert},
-		"huge packets": {TLSCert: sc, ClientCA: ca.Cert, Lookup: lookup, MaxPacket: 70000},
+		"no lookup":     {},
+		"huge packets":  {Lookup: lookup, MaxPacket: 70000},
+		"negative rate": {Lookup: lookup, RateBytes: -1},
 	} {
 		if _, err := New(o); err == nil {
 			t.Errorf("%s: New accepted invalid options", name)
 		}
 	}
-	s, err := New(Options{TLSCert: sc, ClientCA: ca.Cert, Lookup: lookup})
+	s, err := New(Options{Lookup: lookup})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -25,6 +25,13 @@
 // requests succeed. A node can only publish its own services, and one node
 // can never see or affect another node's session or forwards.
 //
+// The one exception is the relay: when Options.Relay is set, a node that
+// Lookup allows to relay (NodeInfo.Relay: a node with a WireGuard key) may
+// open one channel of type wire.SSHRelayChannel per connection. The
+// channel's requests are refused and the channel itself is handed to
+// Options.Relay together with the node name the certificate proved; it is
+// closed when the session ends (disconnect, replacement, DropNode, Close).
+//
 // Terrapin (CVE-2023-48795): golang.org/x/crypto/ssh implements OpenSSH's
 // strict key exchange since v0.17.0 and always offers it as a server
 // ("kex-strict-s-v00@openssh.com" in the first KEXINIT); there is no option
@@ -84,6 +91,10 @@ type NodeInfo struct {
 	// matter here (ports are ignored); names that are not lower-case DNS
 	// labels without "--" are ignored.
 	Services []wire.Service
+	// Relay allows the node to open a relay channel (wire.SSHRelayChannel)
+	// when Options.Relay is set: true for nodes with a WireGuard key
+	// (roles node and proxy), false for SSH-only nodes.
+	Relay bool
 }
 
 // Options configure a Server. HostSigner, UserCA and Lookup are required;
@@ -132,6 +143,13 @@ type Options struct {
 	// MaxChannels limits the concurrent channels Dial opens on one
 	// connection. Default 256.
 	MaxChannels int
+	// Relay, if set, serves a relay channel (wire.SSHRelayChannel) that
+	// node opened; nil rejects relay channels. It runs on its own
+	// goroutine, which Close waits for, and should return once ch is
+	// closed (reads and writes then fail); the server closes ch when
+	// Relay returns and when the session ends. A session has at most one
+	// relay channel open at a time.
+	Relay func(node string, ch io.ReadWriteCloser)
 }
 
 // Forward is a service that a node currently publishes through its tunnel.
@@ -167,6 +185,7 @@ type session struct {
 	conn     *ssh.ServerConn
 	forwards []forward // guarded by Server.mu
 	channels int       // open Dial channels, guarded by Server.mu
+	relay    bool      // a relay channel is open, guarded by Server.mu
 	done     chan struct{}
 }
 
@@ -393,23 +412,22 @@ func (s *Server) handle(raw net.Conn, key string) {
 	}
 	defer sconn.Close()
 	node := sconn.Permissions.Extensions[nodeExtension]
-	s.wg.Go(func() {
-		for nc := range chans {
-			nc.Reject(ssh.Prohibited, "this server only accepts remote forwards")
-		}
-	})
 	if node == "" { // cannot happen: auth always sets it
+		s.wg.Go(func() { rejectChannels(chans) })
 		ssh.DiscardRequests(reqs)
 		return
 	}
 	sess := &session{node: node, conn: sconn, done: make(chan struct{})}
 	defer close(sess.done)
+	log := s.log.With("node", node, "remote", remote)
+	// Channels are handled from the start; whatever they start ends with
+	// the connection, which every way a session ends closes.
+	s.wg.Go(func() { s.handleChannels(sess, chans, log) })
 	if !s.register(sess) {
 		sconn.Close()
 		ssh.DiscardRequests(reqs)
 		return
 	}
-	log := s.log.With("node", node, "remote", remote)
 	log.Info("ssh tunnel session started")
 	// The node may have been revoked (and DropNode called) between the
 	// authentication and the registration.
@@ -422,6 +440,77 @@ func (s *Server) handle(raw net.Conn, key string) {
 	}
 	s.dropSession(sess, "")
 	log.Info("ssh tunnel session ended")
+}
+
+// rejectChannels refuses every channel a client opens.
+func rejectChannels(chans <-chan ssh.NewChannel) {
+	for nc := range chans {
+		nc.Reject(ssh.Prohibited, "this server only accepts remote forwards")
+	}
+}
+
+// handleChannels answers the channels a node opens: a relay channel may be
+// accepted (openRelay); every other type is refused.
+func (s *Server) handleChannels(sess *session, chans <-chan ssh.NewChannel, log *slog.Logger) {
+	for nc := range chans {
+		if nc.ChannelType() == wire.SSHRelayChannel {
+			s.openRelay(sess, nc, log)
+			continue
+		}
+		nc.Reject(ssh.Prohibited, "this server only accepts remote forwards")
+	}
+}
+
+// openRelay accepts a relay channel if the server has a relay, the node
+// may use it and the session has no relay channel yet, and hands it to
+// Options.Relay on a goroutine of its own.
+func (s *Server) openRelay(sess *session, nc ssh.NewChannel, log *slog.Logger) {
+	if s.o.Relay == nil {
+		log.Debug("relay channel refused: no relay on this server")
+		nc.Reject(ssh.Prohibited, "this server has no relay")
+		return
+	}
+	info, ok := s.o.Lookup(sess.node)
+	if !ok {
+		nc.Reject(ssh.Prohibited, "node is unknown or revoked")
+		s.dropSession(sess, "node revoked")
+		return
+	}
+	if !info.Relay {
+		log.Info("relay channel refused: the node may not relay (an SSH-only node has no WireGuard key)")
+		nc.Reject(ssh.Prohibited, "this node may not use the relay: it has no WireGuard key")
+		return
+	}
+	s.mu.Lock()
+	busy := sess.relay
+	sess.relay = true
+	s.mu.Unlock()
+	if busy {
+		log.Info("relay channel refused: one is already open on this connection")
+		nc.Reject(ssh.Prohibited, "a relay channel is already open on this connection")
+		return
+	}
+	release := func() {
+		s.mu.Lock()
+		sess.relay = false
+		s.mu.Unlock()
+	}
+	ch, reqs, err := nc.Accept()
+	if err != nil {
+		release()
+		log.Debug("relay channel accept failed", "err", err)
+		return
+	}
+	log.Debug("relay channel opened")
+	s.wg.Go(func() { ssh.DiscardRequests(reqs) })
+	s.wg.Go(func() {
+		defer func() {
+			ch.Close()
+			release()
+			log.Debug("relay channel closed")
+		}()
+		s.o.Relay(sess.node, ch)
+	})
 }
 
 // register makes sess its node's current session, replacing (and closing)

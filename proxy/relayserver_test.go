@@ -1,0 +1,160 @@
+package proxy
+
+import (
+	"bytes"
+	"crypto/rand"
+	"encoding/base64"
+	"maps"
+	"net"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/meshctl/meshctl/proxy/relay"
+	"github.com/meshctl/meshctl/wire"
+)
+
+func testKey(t *testing.T) ([32]byte, string) {
+	t.Helper()
+	var k [32]byte
+	if _, err := rand.Read(k[:]); err != nil {
+		t.Fatal(err)
+	}
+	return k, base64.StdEncoding.EncodeToString(k[:])
+}
+
+func TestRelayKeys(t *testing.T) {
+	kn, sn := testKey(t)
+	kp, sp := testKey(t)
+	ks, ss := testKey(t)
+	_, other := testKey(t)
+	nm := &wire.Netmap{
+		Self: wire.Peer{Name: "px", Role: wire.RoleProxy, WireGuardKey: ss},
+		Peers: []wire.Peer{
+			{Name: "pi1", Role: wire.RoleNode, WireGuardKey: sn},
+			{Name: "px2", Role: wire.RoleProxy, WireGuardKey: sp},
+			{Name: "bad", Role: wire.RoleNode, WireGuardKey: "not base64!"},
+			{Name: "short", Role: wire.RoleNode, WireGuardKey: base64.StdEncoding.EncodeToString(make([]byte, 31))},
+			{Name: "odd", Role: "admin", WireGuardKey: other},
+		},
+		SSHOnly: []wire.Peer{{Name: "cam", Role: wire.RoleSSH}},
+	}
+	want := map[string][32]byte{"pi1": kn, "px2": kp, "px": ks}
+	if got := relayKeys(nm); !maps.Equal(got, want) {
+		t.Fatalf("relayKeys = %v, want %v", slices.Sorted(maps.Keys(got)), slices.Sorted(maps.Keys(want)))
+	}
+}
+
+// attach serves name on r's relay over a pipe and returns a client.
+func attach(t *testing.T, r *meshRelay, name string) (*relay.Client, <-chan error) {
+	t.Helper()
+	c, s := net.Pipe()
+	cl := relay.NewClient(c)
+	t.Cleanup(func() { cl.Close() })
+	done := make(chan error, 1)
+	go func() { done <- r.srv.ServeConn(name, s) }()
+	return cl, done
+}
+
+func waitConnected(t *testing.T, r *meshRelay, want ...string) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for !slices.Equal(r.srv.Connected(), want) {
+		if time.Now().After(deadline) {
+			t.Fatalf("relay nodes %v, want %v", r.srv.Connected(), want)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+func wantEnded(t *testing.T, done <-chan error, want error, what string) {
+	t.Helper()
+	select {
+	case err := <-done:
+		if err != want {
+			t.Fatalf("%s: stream ended with %v, want %v", what, err, want)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatalf("%s: stream still served", what)
+	}
+}
+
+// The proxy attaches to its relay in-process under its own name (known
+// before any netmap, from its state); nodes that leave the netmap or
+// change their key are cut.
+func TestMeshRelay(t *testing.T) {
+	kself, sself := testKey(t)
+	r, err := newMeshRelay("px", kself, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.close()
+
+	// The proxy's own attachment works before the first netmap.
+	own, err := r.dial(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	pc := relay.NewClient(own)
+	defer pc.Close()
+	waitConnected(t, r, "px")
+	// No node is known yet.
+	_, refused := attach(t, r, "pi1")
+	wantEnded(t, refused, relay.ErrRefused, "pi1 before the netmap")
+
+	k1, s1 := testKey(t)
+	_, s2 := testKey(t)
+	nm := &wire.Netmap{
+		Self: wire.Peer{Name: "px", Role: wire.RoleProxy, WireGuardKey: sself},
+		Peers: []wire.Peer{
+			{Name: "pi1", Role: wire.RoleNode, WireGuardKey: s1},
+			{Name: "pi2", Role: wire.RoleNode, WireGuardKey: s2},
+		},
+	}
+	r.setKeys(relayKeys(nm))
+	c1, done1 := attach(t, r, "pi1")
+	_, done2 := attach(t, r, "pi2")
+	waitConnected(t, r, "pi1", "pi2", "px")
+
+	// A node reaches the proxy through the relay, and the other way round.
+	p := make([]byte, 148)
+	p[0] = 1
+	if err := c1.Send(kself, p); err != nil {
+		t.Fatal(err)
+	}
+	src, got, err := pc.Recv()
+	if err != nil || src != k1 || !bytes.Equal(got, p) {
+		t.Fatalf("proxy received from %x: %v", src[:4], err)
+	}
+	if err := pc.Send(k1, p); err != nil {
+		t.Fatal(err)
+	}
+	if src, got, err = c1.Recv(); err != nil || src != kself || !bytes.Equal(got, p) {
+		t.Fatalf("pi1 received from %x: %v", src[:4], err)
+	}
+
+	// pi1 is revoked (leaves the netmap), pi2 gets a new key.
+	k2b, s2b := testKey(t)
+	nm.Peers = []wire.Peer{{Name: "pi2", Role: wire.RoleNode, WireGuardKey: s2b}}
+	r.setKeys(relayKeys(nm))
+	wantEnded(t, done1, relay.ErrDropped, "revoked pi1")
+	wantEnded(t, done2, relay.ErrDropped, "rekeyed pi2")
+	waitConnected(t, r, "px")
+	_, again := attach(t, r, "pi1")
+	wantEnded(t, again, relay.ErrRefused, "revoked pi1 again")
+	c2b, done2b := attach(t, r, "pi2")
+	waitConnected(t, r, "pi2", "px")
+	if err := c2b.Send(kself, p); err != nil {
+		t.Fatal(err)
+	}
+	if src, _, err = pc.Recv(); err != nil || src != k2b {
+		t.Fatalf("proxy received from %x (%v), want pi2's new key", src[:4], err)
+	}
+
+	// Close cuts everything; dial then fails.
+	r.close()
+	wantEnded(t, done2b, relay.ErrServerClosed, "after close")
+	if _, err := r.dial(t.Context()); err == nil {
+		t.Fatal("dial after close succeeded")
+	}
+}
