@@ -41,7 +41,11 @@ func statusCommand() *cli.Command {
 		Description: `Asks the running agent (meshctl up) through its control socket in the state
 dir. --json prints one object with name, public_key, ipv4, ipv6,
 coordinator_reachable, services and peers (name, public_key, ipv4, ipv6,
-endpoint, last_handshake, rx_bytes, tx_bytes, path).`,
+endpoint, last_handshake, rx_bytes, tx_bytes, path, path_reason).
+
+PATH is how packets reach each peer: "direct" (UDP to ENDPOINT, confirmed
+by an answered probe) or "relay" (still encrypted, through the proxy's
+relay); the lines under the table say why.`,
 		Flags: []cli.Flag{stateDirFlag(), jsonFlag()},
 		Action: func(c *cli.Context) error {
 			st, err := agentStatus(c)
@@ -91,7 +95,16 @@ func printStatus(w io.Writer, st node.Status, now time.Time) error {
 		}
 		rows = append(rows, []string{p.Name, p.IPv4, orDash(p.Endpoint), hs, bytesText(p.RxBytes), bytesText(p.TxBytes), p.Path})
 	}
-	return table(w, rows)
+	if err := table(w, rows); err != nil {
+		return err
+	}
+	fmt.Fprintln(w)
+	for _, p := range st.Peers {
+		if p.PathReason != "" {
+			fmt.Fprintf(w, "  %s: %s (%s)\n", p.Name, p.Path, p.PathReason)
+		}
+	}
+	return nil
 }
 
 func bytesText(n int64) string {
@@ -133,7 +146,14 @@ func pingCommand() *cli.Command {
 					fmt.Fprintf(c.App.Writer, "%v\n", err)
 					continue
 				}
-				fmt.Fprintf(c.App.Writer, "pong from %s (%s) via %s in %s\n", res.Peer, res.Addr, res.Path, res.RTT.Round(10*time.Microsecond))
+				via := res.Path
+				if res.Endpoint != "" {
+					via += " " + res.Endpoint
+				}
+				fmt.Fprintf(c.App.Writer, "pong from %s (%s) via %s in %s\n", res.Peer, res.Addr, via, res.RTT.Round(10*time.Microsecond))
+				if res.PathReason != "" {
+					fmt.Fprintf(c.App.Writer, "  path: %s\n", res.PathReason)
+				}
 			}
 			if failed == c.Int("count") {
 				return fmt.Errorf("no answer from %s", args[0])

@@ -2,6 +2,7 @@ package node
 
 import (
 	"context"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"io"
@@ -11,12 +12,14 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
 
+	"github.com/meshctl/meshctl/node/pathbind"
 	"github.com/meshctl/meshctl/node/socks5"
 	"github.com/meshctl/meshctl/node/wgconf"
 	"github.com/meshctl/meshctl/pki"
@@ -102,6 +105,9 @@ type Agent struct {
 	fwds      []*forwarder
 	isLocal   func(netip.Addr) bool
 	endpoints []netip.AddrPort
+	bind      *pathbind.Bind
+	ssh       *sshLink      // the SSH connection to the proxy (relay, fallback)
+	epChanged chan struct{} // wakes reportLoop: our public endpoint changed
 
 	applyMu sync.Mutex // serialises netmap application
 	applied atomic.Pointer[appliedNetmap]
@@ -182,7 +188,24 @@ func NewAgent(opts AgentOptions) (*Agent, error) {
 		}
 	}
 	st := client.State()
-	a := &Agent{opts: opts, log: opts.Logger, client: client, state: st, fatal: make(chan error, 1)}
+	a := &Agent{opts: opts, log: opts.Logger, client: client, state: st, fatal: make(chan error, 1), epChanged: make(chan struct{}, 1)}
+	a.ssh = &sshLink{a: a}
+	discoPriv, _ := pathbind.DiscoKeyFromWireGuard(st.WireGuardKey())
+	a.bind, err = pathbind.New(pathbind.Options{
+		Inner:        opts.Bind,
+		DiscoPrivate: discoPriv,
+		RelayDial:    a.relayDial,
+		Logger:       opts.Logger.With("component", "paths"),
+		OnPublicEndpoint: func(netip.AddrPort) {
+			select {
+			case a.epChanged <- struct{}{}:
+			default:
+			}
+		},
+	})
+	if err != nil {
+		return nil, err
+	}
 	if a.v4, err = netip.ParseAddr(st.IPv4); err != nil || !a.v4.Is4() {
 		return nil, corrupt(filepath.Join(opts.StateDir, StateFile), fmt.Errorf("ipv4 %q", st.IPv4))
 	}
@@ -223,7 +246,7 @@ func (a *Agent) Start() (err error) {
 	if err != nil {
 		return err
 	}
-	a.dev = device.NewDevice(a.plane.Device(), a.opts.Bind, wgLogger(a.log))
+	a.dev = device.NewDevice(a.plane.Device(), a.bind, wgLogger(a.log))
 	if err := a.dev.IpcSet(wgconf.FullConfig(a.state.WireGuardKey(), a.opts.ListenPort, nil)); err != nil {
 		return fmt.Errorf("configure WireGuard: %w", err)
 	}
@@ -271,6 +294,7 @@ func (a *Agent) Start() (err error) {
 			return err
 		}
 	}
+	a.goLoop(func() { a.bind.Run(a.ctx) })
 	a.goLoop(a.netmapLoop)
 	a.goLoop(a.reportLoop)
 	a.goLoop(a.renewLoop)
@@ -321,6 +345,7 @@ func (a *Agent) shutdown() {
 		if a.ctlLn != nil {
 			a.ctlLn.Close()
 		}
+		a.ssh.close()
 		if a.socks != nil {
 			a.socks.Close()
 		}
@@ -361,6 +386,7 @@ func (a *Agent) apply(nm *wire.Netmap) error {
 	if err != nil {
 		return fmt.Errorf("netmap version %d rejected: %w", nm.Version, err)
 	}
+	a.configureBind(nm, peers)
 	var old []wgconf.Peer
 	if cur := a.applied.Load(); cur != nil {
 		old = cur.peers
@@ -476,26 +502,27 @@ func (a *Agent) setReachable(err error) {
 	a.reach.Store(r)
 }
 
-// reportLoop tells the coordinator the node's services and endpoints, at
-// start and whenever the endpoints change.
+// reportLoop tells the coordinator the node's services, endpoints and
+// disco key, at start and whenever the endpoints change (a new public
+// endpoint learned from the proxy wakes it at once).
 func (a *Agent) reportLoop() {
 	svcs := wireServices(a.opts.Services)
+	disco := base64.StdEncoding.EncodeToString(func() []byte { k := a.bind.DiscoPublic(); return k[:] }())
 	var reported []string
 	backoff := a.opts.RetryMin
 	for a.ctx.Err() == nil {
-		eps := a.endpoints
-		if a.opts.AdvertiseEndpoints == nil {
-			eps = localEndpoints(a.port)
-		}
-		epStrs := make([]string, 0, len(eps))
-		for _, e := range eps {
-			epStrs = append(epStrs, e.String())
-		}
-		if reported != nil && strings.Join(reported, ",") == strings.Join(epStrs, ",") {
-			a.sleep(2 * time.Minute)
+		epStrs := a.advertisedEndpoints()
+		if reported != nil && slices.Equal(reported, epStrs) {
+			t := time.NewTimer(2 * time.Minute)
+			select {
+			case <-a.ctx.Done():
+			case <-a.epChanged:
+			case <-t.C:
+			}
+			t.Stop()
 			continue
 		}
-		err := a.client.Update(a.ctx, wire.UpdateRequest{Services: &svcs, Endpoints: &epStrs})
+		err := a.client.Update(a.ctx, wire.UpdateRequest{Services: &svcs, Endpoints: &epStrs, DiscoKey: &disco})
 		if err != nil {
 			if a.ctx.Err() != nil || a.handleControlError(err) {
 				return
@@ -506,6 +533,23 @@ func (a *Agent) reportLoop() {
 		}
 		reported, backoff = epStrs, a.opts.RetryMin
 	}
+}
+
+// advertisedEndpoints are the local endpoints (or the configured ones)
+// plus the public one the proxy saw, if it differs.
+func (a *Agent) advertisedEndpoints() []string {
+	eps := a.endpoints
+	if a.opts.AdvertiseEndpoints == nil {
+		eps = localEndpoints(a.port)
+	}
+	if pub := a.bind.PublicEndpoint(); pub.IsValid() && !slices.Contains(eps, pub) && !pub.Addr().IsLoopback() {
+		eps = append(slices.Clone(eps), pub)
+	}
+	out := make([]string, 0, len(eps))
+	for _, e := range eps {
+		out = append(out, e.String())
+	}
+	return out
 }
 
 // renewLoop renews the client certificate when a third of its life is left.

@@ -31,7 +31,11 @@ type PingResult struct {
 	Peer string        `json:"peer"`
 	Addr string        `json:"addr"`
 	RTT  time.Duration `json:"rtt_ns"`
-	Path string        `json:"path"`
+	// Path is how the peer is reached ("direct" or "relay"), with why and
+	// the endpoint in use (see PeerStatus).
+	Path       string `json:"path"`
+	PathReason string `json:"path_reason,omitempty"`
+	Endpoint   string `json:"endpoint,omitempty"`
 }
 
 func (a *Agent) startControl() error {
@@ -119,6 +123,18 @@ func trimSuffixFold(s, suffix string) string {
 	return s
 }
 
+// peerKey finds a peer's WireGuard key by name.
+func (a *Agent) peerKey(name string) ([32]byte, bool) {
+	if cur := a.applied.Load(); cur != nil {
+		for _, p := range cur.peers {
+			if p.Name == name {
+				return p.PublicKey, true
+			}
+		}
+	}
+	return [32]byte{}, false
+}
+
 // Ping sends an ICMP echo to a peer over the mesh.
 func (a *Agent) Ping(ctx context.Context, peer string) (PingResult, error) {
 	ip, name, ok := a.Resolve(peer)
@@ -133,7 +149,11 @@ func (a *Agent) Ping(ctx context.Context, peer string) (PingResult, error) {
 	if err != nil {
 		return PingResult{}, fmt.Errorf("ping %s (%s): %w", name, ip, err)
 	}
-	return PingResult{Peer: name, Addr: ip.String(), RTT: rtt, Path: "direct"}, nil
+	res := PingResult{Peer: name, Addr: ip.String(), RTT: rtt}
+	if k, ok := a.peerKey(name); ok {
+		res.Path, res.PathReason, res.Endpoint = a.pathOf(k)
+	}
+	return res, nil
 }
 
 // Dial connects to host:port on the mesh, host being a peer name or

@@ -2,11 +2,9 @@ package node
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -14,12 +12,13 @@ import (
 	"golang.org/x/crypto/ssh"
 )
 
-// SSH fallback in the agent. When UDP to the proxy is blocked (no
-// WireGuard handshake with it within FallbackTimeout), the agent opens an
-// SSH connection to the proxy's SSH endpoint with the certificate from
-// enrollment and remote-forwards its services, so the proxy still reaches
-// them. WireGuard keeps trying (persistent keepalive toward the proxy);
-// as soon as a handshake succeeds, the agent closes the SSH connection.
+// SSH fallback in the agent. When UDP to the proxy is blocked (no direct
+// probe answered within FallbackTimeout), the agent remote-forwards its
+// services on its SSH connection to the proxy (sshlink.go; the
+// certificate from enrollment authenticates it), so the proxy reaches them
+// without WireGuard; the relay runs on the same connection, so peers still
+// reach the node over WireGuard, through TCP. Probes keep trying UDP; as
+// soon as one is answered, the forwards are cancelled.
 
 // Fallback modes.
 const (
@@ -48,8 +47,9 @@ type fallback struct {
 	a     *Agent
 	state atomic.Pointer[FallbackStatus]
 
-	mu     sync.Mutex
-	client *ssh.Client // nil when not connected
+	lastDirect time.Time   // last time the proxy was reached directly (run's goroutine only)
+	fwdClient  *ssh.Client // the connection the forwards are on (run's goroutine only)
+	fwds       []net.Listener
 }
 
 func (a *Agent) startFallback() {
@@ -81,19 +81,19 @@ func (f *fallback) set(active bool, reason string) {
 	f.state.Store(next)
 }
 
-// run decides every 2 s whether SSH is needed and keeps the connection.
+// run decides every second whether SSH forwards are needed and keeps them
+// on the agent's SSH connection; it closes that connection when neither
+// the forwards nor the relay use it.
 func (f *fallback) run() {
 	a := f.a
 	start := time.Now()
 	backoff := a.opts.RetryMin
-	defer f.disconnect()
+	defer f.unforward()
 	for a.ctx.Err() == nil {
 		need, reason := f.needed(start)
 		switch {
-		case need && f.connected():
-			f.set(true, reason)
 		case need:
-			if err := f.connect(); err != nil {
+			if err := f.forward(); err != nil {
 				f.set(false, "SSH fallback failed: "+err.Error())
 				a.log.Warn("SSH fallback connection failed", "err", err, "retry_in", backoff)
 				a.sleep(jitter(backoff))
@@ -102,18 +102,21 @@ func (f *fallback) run() {
 			}
 			backoff = a.opts.RetryMin
 			f.set(true, reason)
-		case f.connected():
-			f.disconnect()
-			f.set(false, reason)
 		default:
+			f.unforward()
 			f.set(false, reason)
+			if !a.bind.RelayConnected() {
+				a.ssh.close()
+			}
 		}
-		a.sleep(2 * time.Second)
+		a.sleep(time.Second)
 	}
 }
 
 // needed reports whether the agent should serve through SSH now, and why
-// (in words for meshctl status).
+// (in words for meshctl status). UDP to the proxy counts as working when
+// a probe of the direct path was answered (or, with no path probes, a
+// WireGuard handshake went over UDP) within FallbackTimeout.
 func (f *fallback) needed(start time.Time) (bool, string) {
 	a := f.a
 	if a.opts.Fallback == FallbackAlways {
@@ -123,16 +126,30 @@ func (f *fallback) needed(start time.Time) (bool, string) {
 	if cur == nil || cur.nm.ProxySSH == "" {
 		return false, "no SSH fallback endpoint in the netmap"
 	}
-	hs, ok := a.proxyHandshake()
-	switch {
-	case !ok:
+	info, ok := a.proxyPath()
+	if !ok {
 		return false, "no proxy in the netmap"
-	case !hs.IsZero() && time.Since(hs) < handshakeFresh:
-		return false, "WireGuard handshake with the proxy " + time.Since(hs).Round(time.Second).String() + " ago"
-	case hs.IsZero() && time.Since(start) < a.opts.FallbackTimeout:
-		return false, "waiting for a first WireGuard handshake with the proxy"
 	}
-	return true, fmt.Sprintf("UDP to the proxy is blocked (no WireGuard handshake for %s)", a.opts.FallbackTimeout)
+	now := time.Now()
+	if info.Path == "direct" && info.Confirmed {
+		f.lastDirect = now
+		return false, "direct UDP path to the proxy (" + info.Reason + ")"
+	}
+	if hs, ok := a.proxyHandshake(); ok && info.Path == "direct" && !hs.IsZero() && now.Sub(hs) < handshakeFresh {
+		f.lastDirect = now
+		return false, "WireGuard handshake with the proxy " + now.Sub(hs).Round(time.Second).String() + " ago"
+	}
+	ref := f.lastDirect
+	if ref.IsZero() {
+		ref = start
+	}
+	if now.Sub(ref) < a.opts.FallbackTimeout {
+		if f.lastDirect.IsZero() {
+			return false, "waiting for the proxy to answer over UDP"
+		}
+		return false, "direct UDP path to the proxy lost " + now.Sub(f.lastDirect).Round(time.Second).String() + " ago; waiting"
+	}
+	return true, fmt.Sprintf("UDP to the proxy is blocked (no answer over UDP for %s)", a.opts.FallbackTimeout)
 }
 
 // proxyHandshake returns the last handshake with the proxy peer.
@@ -153,86 +170,48 @@ func (a *Agent) proxyHandshake() (time.Time, bool) {
 	return time.Time{}, false
 }
 
-func (f *fallback) connected() bool {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	return f.client != nil
-}
-
-func (f *fallback) disconnect() {
-	f.mu.Lock()
-	c := f.client
-	f.client = nil
-	f.mu.Unlock()
-	if c != nil {
-		c.Close()
+// unforward cancels the forwards (the connection may stay for the relay).
+func (f *fallback) unforward() {
+	for _, ln := range f.fwds {
+		ln.Close()
 	}
+	f.fwds, f.fwdClient = nil, nil
 }
 
-// connect dials the proxy's SSH endpoint, authenticates with the node's
-// certificate (the proxy is verified through the SSH CA), and forwards the
-// services: <node> for the default one and <service>--<node> for each.
-func (f *fallback) connect() error {
+// forward makes sure the services are forwarded on the current SSH
+// connection to the proxy (connecting if needed): <node> for the default
+// service and <service>--<node> for each.
+func (f *fallback) forward() error {
 	a := f.a
-	st := a.client.State()
-	if st.SSHKey == "" || st.SSHCertificate == "" {
-		return errors.New("this identity has no SSH certificate (enrolled before the SSH fallback existed): enroll again")
-	}
-	key, err := ssh.ParsePrivateKey([]byte(st.SSHKey))
+	ctx, cancel := context.WithTimeout(a.ctx, 15*time.Second)
+	defer cancel()
+	cl, err := a.ssh.get(ctx)
 	if err != nil {
 		return err
 	}
-	pub, _, _, _, err := ssh.ParseAuthorizedKey([]byte(st.SSHCertificate))
-	if err != nil {
-		return err
+	if cl == f.fwdClient {
+		return nil
 	}
-	cert, ok := pub.(*ssh.Certificate)
-	if !ok {
-		return errors.New("ssh_certificate is not a certificate")
-	}
-	signer, err := ssh.NewCertSigner(cert, key)
-	if err != nil {
-		return err
-	}
-	ca, _, _, _, err := ssh.ParseAuthorizedKey([]byte(st.SSHCA))
-	if err != nil {
-		return fmt.Errorf("ssh_ca: %w", err)
-	}
-	checker := &ssh.CertChecker{IsHostAuthority: func(k ssh.PublicKey, _ string) bool { return string(k.Marshal()) == string(ca.Marshal()) }}
-	addr := a.applied.Load().nm.ProxySSH
-	cl, err := ssh.Dial("tcp", addr, &ssh.ClientConfig{
-		User: st.Name, Auth: []ssh.AuthMethod{ssh.PublicKeys(signer)},
-		HostKeyCallback: checker.CheckHostKey, Timeout: 10 * time.Second,
-	})
-	if err != nil {
-		return fmt.Errorf("ssh %s: %w", addr, err)
-	}
+	f.unforward()
+	name := a.client.State().Name
 	for i, svc := range a.opts.Services {
-		binds := []string{svc.Name + "--" + st.Name}
+		binds := []string{svc.Name + "--" + name}
 		if i == defaultService(a.opts.Services) {
-			binds = append(binds, st.Name)
+			binds = append(binds, name)
 		}
 		for _, b := range binds {
 			ln, err := cl.Listen("tcp", net.JoinHostPort(b, "80"))
 			if err != nil {
+				f.unforward()
 				cl.Close()
 				return fmt.Errorf("forward %s: %w", b, err)
 			}
+			f.fwds = append(f.fwds, ln)
 			a.goLoop(func() { f.serveForward(ln, svc) })
 		}
 	}
-	f.mu.Lock()
-	f.client = cl
-	f.mu.Unlock()
-	a.goLoop(func() {
-		cl.Wait()
-		f.mu.Lock()
-		if f.client == cl {
-			f.client = nil
-		}
-		f.mu.Unlock()
-	})
-	a.log.Info("SSH fallback connected", "proxy", addr, "services", len(a.opts.Services))
+	f.fwdClient = cl
+	a.log.Info("SSH fallback forwarding", "services", len(a.opts.Services))
 	return nil
 }
 

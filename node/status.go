@@ -54,9 +54,11 @@ type PeerStatus struct {
 	LastHandshake string `json:"last_handshake"` // RFC 3339; empty if never
 	RxBytes       int64  `json:"rx_bytes"`
 	TxBytes       int64  `json:"tx_bytes"`
-	// Path is how packets reach the peer: "direct" (UDP to its endpoint),
-	// "relay" (through the proxy) or "ssh" (SSH fallback).
-	Path string `json:"path"`
+	// Path is how packets reach the peer: "direct" (UDP to Endpoint),
+	// "relay" (still encrypted, through the proxy's relay; over the SSH
+	// connection) or "none"; PathReason says why.
+	Path       string `json:"path"`
+	PathReason string `json:"path_reason"`
 }
 
 // Status reports the agent's current state.
@@ -95,16 +97,11 @@ func (a *Agent) Status() (Status, error) {
 		byKey[cur.peers[i].PublicKey] = &cur.peers[i]
 	}
 	for _, d := range dev.Peers {
-		ps := PeerStatus{Name: "(unknown)", PublicKey: d.PublicKey.String(), Path: "direct", RxBytes: d.RxBytes, TxBytes: d.TxBytes}
+		ps := PeerStatus{Name: "(unknown)", PublicKey: d.PublicKey.String(), RxBytes: d.RxBytes, TxBytes: d.TxBytes}
 		if p := byKey[d.PublicKey]; p != nil {
 			ps.Name, ps.IPv4, ps.IPv6 = p.Name, p.IPv4.String(), p.IPv6.String()
-			if out.Fallback.Active && p.Keepalive > 0 { // the proxy (only it gets a keepalive)
-				ps.Path = "ssh"
-			}
 		}
-		if d.Endpoint.IsValid() {
-			ps.Endpoint = d.Endpoint.String()
-		}
+		ps.Path, ps.PathReason, ps.Endpoint = a.pathOf(d.PublicKey)
 		if !d.LastHandshake.IsZero() {
 			ps.LastHandshake = d.LastHandshake.UTC().Format(time.RFC3339)
 		}

@@ -59,7 +59,8 @@ func (s Summary) String() string {
 //   - a peer new in new: its full block, as in FullConfig;
 //   - a changed peer: "public_key=…", "update_only=true" and only the changed
 //     attributes: replace_allowed_ips=true plus allowed_ip lines if its
-//     addresses changed, endpoint only if the desired endpoint changed to a
+//     addresses changed, endpoint only if EndpointID changed or (without
+//     EndpointID) the desired endpoint changed to a
 //     known one (an unchanged endpoint is never re-set, so WireGuard's
 //     roaming is not undone; an endpoint that became unknown cannot be unset
 //     in UAPI and is left alone), persistent_keepalive_interval if it
@@ -88,7 +89,10 @@ func Diff(old, new []Peer) (uapi string, s Summary) {
 			continue
 		}
 		ipsChanged := !slices.Equal(o.AllowedIPs(), n.AllowedIPs())
-		epChanged := n.Endpoint.IsValid() && n.Endpoint != o.Endpoint
+		epChanged := n.Endpoint.IsValid() && n.Endpoint != o.Endpoint && n.EndpointID == ""
+		if n.EndpointID != "" {
+			epChanged = n.EndpointID != o.EndpointID
+		}
 		kaChanged := keepaliveSeconds(o.Keepalive) != keepaliveSeconds(n.Keepalive)
 		if !ipsChanged && !epChanged && !kaChanged {
 			continue
@@ -98,7 +102,7 @@ func Diff(old, new []Peer) (uapi string, s Summary) {
 			writeAllowedIPs(&b, n)
 		}
 		if epChanged {
-			fmt.Fprintf(&b, "endpoint=%s\n", n.Endpoint)
+			fmt.Fprintf(&b, "endpoint=%s\n", n.endpointValue())
 		}
 		if kaChanged {
 			fmt.Fprintf(&b, "persistent_keepalive_interval=%d\n", keepaliveSeconds(n.Keepalive))
@@ -116,10 +120,19 @@ func Diff(old, new []Peer) (uapi string, s Summary) {
 func writePeer(b *strings.Builder, p Peer) {
 	fmt.Fprintf(b, "public_key=%s\n", hexKey(p.PublicKey))
 	writeAllowedIPs(b, p)
-	if p.Endpoint.IsValid() {
-		fmt.Fprintf(b, "endpoint=%s\n", p.Endpoint)
+	if p.Endpoint.IsValid() || p.EndpointID != "" {
+		fmt.Fprintf(b, "endpoint=%s\n", p.endpointValue())
 	}
 	fmt.Fprintf(b, "persistent_keepalive_interval=%d\n", keepaliveSeconds(p.Keepalive))
+}
+
+// endpointValue is what the UAPI endpoint line carries: EndpointID when
+// set, else Endpoint.
+func (p Peer) endpointValue() string {
+	if p.EndpointID != "" {
+		return p.EndpointID
+	}
+	return p.Endpoint.String()
 }
 
 func writeAllowedIPs(b *strings.Builder, p Peer) {

@@ -36,6 +36,15 @@ type Peer struct {
 	// Endpoint is where to send handshakes; the zero value means none is
 	// known (the peer must contact us first).
 	Endpoint netip.AddrPort
+	// Candidates are all the usable endpoints the peer advertised (the
+	// proxy endpoint first for a proxy), localized like Endpoint, without
+	// duplicates, loopback ones last; Endpoint is the first. A Bind that
+	// probes paths per peer (node/pathbind) tries them all.
+	Candidates []netip.AddrPort
+	// EndpointID, when set, is written as the UAPI endpoint value instead
+	// of Endpoint: a Bind that chooses the path per peer parses it into
+	// its per-peer endpoint (node/pathbind). FromNetmap leaves it empty.
+	EndpointID string
 	// Keepalive is the persistent keepalive interval; 0 = off. UAPI counts
 	// whole seconds, so it is rounded up to a second when rendered.
 	Keepalive time.Duration
@@ -173,27 +182,25 @@ func FromNetmap(nm *wire.Netmap, opts Options) ([]Peer, error) {
 			owner[a] = who
 		}
 
-		var loopback netip.AddrPort
+		var loopback []netip.AddrPort
 		for _, s := range wp.Endpoints {
 			ap, err := netip.ParseAddrPort(s)
 			if err != nil {
 				return fail("endpoint %q is not IP:port: %v", s, err)
 			}
 			switch {
-			case p.Endpoint.IsValid() || !usableEndpoint(ap):
-				// keep the first usable one, but validate them all
+			case !usableEndpoint(ap):
+				// validated, not used
 			case ap.Addr().Unmap().IsLoopback():
 				// A peer on a host with no other address advertises loopback:
 				// only useful from the same host, so the last resort.
-				if !loopback.IsValid() {
-					loopback = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
-				}
+				loopback = appendNew(loopback, netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()))
 			default:
-				p.Endpoint = localize(ap, opts.IsLocal)
+				p.Candidates = appendNew(p.Candidates, localize(ap, opts.IsLocal))
 			}
 		}
-		if !p.Endpoint.IsValid() {
-			p.Endpoint = loopback
+		for _, ap := range loopback {
+			p.Candidates = appendNew(p.Candidates, ap)
 		}
 
 		if wp.Role == wire.RoleProxy {
@@ -210,13 +217,24 @@ func FromNetmap(nm *wire.Netmap, opts Options) ([]Peer, error) {
 					ap = localize(ap, opts.IsLocal)
 					proxyEP = &ap
 				}
-				p.Endpoint = *proxyEP
+				p.Candidates = append([]netip.AddrPort{*proxyEP}, slices.DeleteFunc(p.Candidates, func(a netip.AddrPort) bool { return a == *proxyEP })...)
 			}
+		}
+		if len(p.Candidates) > 0 {
+			p.Endpoint = p.Candidates[0]
 		}
 		peers = append(peers, p)
 	}
 	slices.SortFunc(peers, func(a, b Peer) int { return bytes.Compare(a.PublicKey[:], b.PublicKey[:]) })
 	return peers, nil
+}
+
+// appendNew appends ap unless list holds it already.
+func appendNew(list []netip.AddrPort, ap netip.AddrPort) []netip.AddrPort {
+	if slices.Contains(list, ap) {
+		return list
+	}
+	return append(list, ap)
 }
 
 func isZero(k wgtypes.Key) bool { return k == wgtypes.Key{} }

@@ -2,6 +2,7 @@ package wgconf
 
 import (
 	"net/netip"
+	"reflect"
 	"slices"
 	"strings"
 	"testing"
@@ -47,11 +48,12 @@ func TestFromNetmapHappy(t *testing.T) {
 	want := []Peer{
 		{Name: "a", PublicKey: testKey(3), IPv4: netip.MustParseAddr("100.64.0.3"), IPv6: netip.MustParseAddr("fd7a:115c::3")},
 		{Name: "p", PublicKey: testKey(5), IPv4: netip.MustParseAddr("100.64.0.5"), IPv6: netip.MustParseAddr("fd7a:115c::5"),
-			Endpoint: netip.MustParseAddrPort("203.0.113.1:443"), Keepalive: 25 * time.Second},
+			Endpoint: netip.MustParseAddrPort("203.0.113.1:443"), Keepalive: 25 * time.Second,
+			Candidates: []netip.AddrPort{netip.MustParseAddrPort("203.0.113.1:443"), netip.MustParseAddrPort("198.51.100.5:51820")}},
 		{Name: "c", PublicKey: testKey(9), IPv4: netip.MustParseAddr("100.64.0.9"), IPv6: netip.MustParseAddr("fd7a:115c::9"),
-			Endpoint: netip.MustParseAddrPort("198.51.100.9:51820")},
+			Endpoint: netip.MustParseAddrPort("198.51.100.9:51820"), Candidates: []netip.AddrPort{netip.MustParseAddrPort("198.51.100.9:51820"), netip.MustParseAddrPort("203.0.113.9:51820")}},
 	}
-	if !slices.Equal(peers, want) {
+	if !reflect.DeepEqual(peers, want) {
 		t.Fatalf("peers:\n got %+v\nwant %+v", peers, want)
 	}
 	wantIPs := []netip.Prefix{netip.MustParsePrefix("100.64.0.9/32"), netip.MustParsePrefix("fd7a:115c::9/128")}
