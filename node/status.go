@@ -61,6 +61,16 @@ type PeerStatus struct {
 	PathReason string `json:"path_reason"`
 }
 
+// DeviceState is the WireGuard device's configuration and counters, as
+// `wg show` reads them.
+func (a *Agent) DeviceState() (wgconf.DeviceState, error) {
+	raw, err := a.dev.IpcGet()
+	if err != nil {
+		return wgconf.DeviceState{}, err
+	}
+	return wgconf.ParseGet(strings.NewReader(raw))
+}
+
 // Status reports the agent's current state.
 func (a *Agent) Status() (Status, error) {
 	st := a.client.State()
@@ -83,11 +93,7 @@ func (a *Agent) Status() (Status, error) {
 		return out, nil
 	}
 	out.NetmapVersion = cur.nm.Version
-	raw, err := a.dev.IpcGet()
-	if err != nil {
-		return out, err
-	}
-	dev, err := wgconf.ParseGet(strings.NewReader(raw))
+	dev, err := a.DeviceState()
 	if err != nil {
 		return out, err
 	}

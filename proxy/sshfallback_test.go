@@ -128,6 +128,7 @@ func TestAgentFallsBackToSSHWhenUDPBlocked(t *testing.T) {
 		o.Bind = bind
 		o.FallbackTimeout = time.Second
 	})
+	meshtest.WaitFor(t, 30*time.Second, func() bool { s, _ := a.Status(); return s.Fallback.Active }, "pi1 to fall back to SSH")
 	meshtest.WaitFor(t, 30*time.Second, func() bool { code, body := px.Get(host("pi1"), "/"); return code == 200 && body == "still reachable" },
 		"pi1 served through the SSH fallback while its UDP is blocked")
 	st, err := a.Status()

@@ -110,6 +110,7 @@ type Bind struct {
 	relayWant  atomic.Int64 // unix nanos of the last send that wanted the relay
 	relayForce atomic.Bool
 	relayAddr  atomic.Pointer[netip.AddrPort]
+	relayKick  chan struct{} // wakes relayLoop (peers or relay changed)
 	stats      Stats
 }
 
@@ -154,7 +155,7 @@ func New(o Options) (*Bind, error) {
 		o.Logger = slog.New(slog.DiscardHandler)
 	}
 	b := &Bind{o: o, inner: o.Inner, log: o.Logger, peers: map[[32]byte]*Peer{}, byDisco: map[[32]byte]*Peer{},
-		closed: make(chan struct{}), relayRx: make(chan relayPacket, 512)}
+		closed: make(chan struct{}), relayRx: make(chan relayPacket, 512), relayKick: make(chan struct{}, 1)}
 	close(b.closed)
 	p, err := pubFromPriv(o.DiscoPrivate)
 	if err != nil {
@@ -206,6 +207,7 @@ func (b *Bind) SetPeers(cfgs []PeerConfig) {
 	}
 	b.rebuildAddrsLocked()
 	b.mu.Unlock()
+	b.kickRelay()
 	for _, p := range fresh {
 		if p.proxy {
 			b.probe(p, time.Now())
@@ -400,8 +402,16 @@ func (b *Bind) wrapReceive(fn conn.ReceiveFunc) conn.ReceiveFunc {
 			}
 			p := addrs[src]
 			if p == nil {
-				b.stats.UnknownDropped.Add(1)
-				sizes[i] = 0
+				// A handshake message from an unknown address goes to
+				// WireGuard as it came (it authenticates it; a peer whose
+				// probes we cannot read yet, e.g. before the netmap brought
+				// its probe key, still connects, and its first attributed
+				// packet hands the peer back to its Endpoint). Anything
+				// else from a stranger is dropped.
+				if len(handshakes([][]byte{pkt})) == 0 {
+					b.stats.UnknownDropped.Add(1)
+					sizes[i] = 0
+				}
 				continue
 			}
 			p.active.Store(now)
@@ -486,6 +496,7 @@ func (b *Bind) handleDisco(pkt []byte, src netip.AddrPort, ep conn.Endpoint) {
 		if !p.pong(src, m.tx, now) {
 			return
 		}
+		p.unanswered.Store(0)
 		if p.proxy && m.observed.IsValid() {
 			b.setPublic(m.observed)
 		}
@@ -520,7 +531,9 @@ func (b *Bind) probe(p *Peer, now time.Time) {
 		ep  conn.Endpoint
 	}
 	var msgs []out
-	interval := b.o.ProbeInterval
+	// Unanswered probes are repeated quickly at first (250 ms, doubling
+	// up to ProbeInterval): the peer may just not know our probe key yet.
+	interval := min(b.o.ProbeInterval, 250*time.Millisecond<<min(p.unanswered.Add(1)-1, 8))
 	if p.directTrusted(now) {
 		interval = b.o.DirectProbe
 	}
@@ -657,7 +670,13 @@ func (b *Bind) relayLoop(ctx context.Context) {
 			b.log.Info("relay connected")
 			go b.relayRead(ctx, nl)
 		}
-		sleepCtx(ctx, 250*time.Millisecond)
+		t := time.NewTimer(250 * time.Millisecond)
+		select {
+		case <-ctx.Done():
+		case <-b.relayKick:
+		case <-t.C:
+		}
+		t.Stop()
 	}
 	if l := b.relay.Load(); l != nil {
 		b.dropRelay(l, ctx.Err())
@@ -689,6 +708,14 @@ func (b *Bind) SetRelay(available bool, addr netip.AddrPort) {
 		return
 	}
 	b.relayAddr.Store(&addr)
+	b.kickRelay()
+}
+
+func (b *Bind) kickRelay() {
+	select {
+	case b.relayKick <- struct{}{}:
+	default:
+	}
 }
 
 func sleepCtx(ctx context.Context, d time.Duration) {

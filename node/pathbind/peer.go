@@ -23,7 +23,8 @@ type Peer struct {
 	// nextProbe (unix nanos) is when the peer is due for probes again;
 	// Send checks it without a lock, so the first packet to a peer goes
 	// out right behind its probes.
-	nextProbe atomic.Int64
+	nextProbe  atomic.Int64
+	unanswered atomic.Int32 // probe rounds since the last answer
 
 	mu        sync.Mutex
 	name      string
