@@ -134,7 +134,10 @@ func TestFallbackNodeStaysInMesh(t *testing.T) {
 	if p := peerPath(t, b, "pi1"); p.Path != "relay" || !strings.Contains(p.PathReason, "SSH") {
 		t.Fatalf("pi2's path to pi1: %q (%s)", p.Path, p.PathReason)
 	}
-	meshtest.WaitFor(t, deadline, func() bool { code, body := px.Get(host("pi2"), "/"); return code == 200 && body == "from behind a UDP block" }, "the proxy to serve pi2")
+	meshtest.WaitFor(t, deadline, func() bool {
+		code, body := px.Get(host("pi2"), "/")
+		return code == 200 && body == "from behind a UDP block"
+	}, "the proxy to serve pi2")
 
 	if err := c.Admin(http.MethodPost, wire.PathAdminNodeRevoke, wire.NameRequest{Name: "pi2"}, nil); err != nil {
 		t.Fatal(err)
