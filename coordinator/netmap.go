@@ -198,6 +198,7 @@ func (snap *snapshot) netmapFor(id string, o *Options, ipv6Pool netip.Prefix) (w
 		ProxyEndpoint: o.WGEndpoint,
 		Domain:        o.Domain,
 		ProxySSH:      o.SSHEndpoint,
+		Topology:      string(o.Topology),
 		IPv4Pool:      o.IPv4Pool.String(),
 		IPv6Pool:      ipv6Pool.String(),
 	}

@@ -339,6 +339,7 @@ func (c *relayCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(c.bytes, st.ForwardedBytes)
 	counter(c.dropped, st.DropNotWG, "not_wireguard")
 	counter(c.dropped, st.DropNoDst, "no_destination")
+	counter(c.dropped, st.DropDenied, "not_allowed")
 	counter(c.dropped, st.DropRate, "rate_limited")
 	counter(c.dropped, st.DropQueue, "queue_full")
 	counter(c.bad, st.BadFrames)

@@ -30,6 +30,7 @@ type meshRelay struct {
 	self    string                              // the proxy's own node name
 	selfKey [32]byte                            // and its WireGuard public key, from its state
 	keys    atomic.Pointer[map[string][32]byte] // name -> WireGuard public key
+	hub     atomic.Pointer[map[string]bool]     // hub topology: the proxies' names; nil in a mesh
 	closed  atomic.Bool
 	log     *slog.Logger
 }
@@ -45,7 +46,7 @@ func newMeshRelay(self string, selfKey [32]byte, log *slog.Logger) (*meshRelay, 
 	// its state), so that its own agent can attach at once.
 	keys := map[string][32]byte{self: selfKey}
 	r.keys.Store(&keys)
-	srv, err := relay.New(relay.Options{Lookup: r.lookup, Logger: log})
+	srv, err := relay.New(relay.Options{Lookup: r.lookup, Allow: r.allow, Logger: log})
 	if err != nil {
 		return nil, err
 	}
@@ -56,6 +57,28 @@ func newMeshRelay(self string, selfKey [32]byte, log *slog.Logger) (*meshRelay, 
 func (r *meshRelay) lookup(name string) ([32]byte, bool) {
 	k, ok := (*r.keys.Load())[name]
 	return k, ok
+}
+
+// allow: in the hub topology, nodes may not reach each other, so the relay
+// forwards only between a node and a proxy; in a mesh, between anyone.
+func (r *meshRelay) allow(src, dst string) bool {
+	proxies := r.hub.Load()
+	return proxies == nil || (*proxies)[src] || (*proxies)[dst] || src == r.self || dst == r.self
+}
+
+// setTopology records the netmap's topology and, for a hub, its proxies.
+func (r *meshRelay) setTopology(nm *wire.Netmap) {
+	if nm.Topology != "hub" {
+		r.hub.Store(nil)
+		return
+	}
+	proxies := map[string]bool{}
+	for _, p := range nm.Peers {
+		if p.Role == wire.RoleProxy {
+			proxies[p.Name] = true
+		}
+	}
+	r.hub.Store(&proxies)
 }
 
 // relayKeys returns who may use the relay according to nm: the members

@@ -158,3 +158,66 @@ func TestMeshRelay(t *testing.T) {
 		t.Fatal("dial after close succeeded")
 	}
 }
+
+// In the hub topology nodes may not reach each other, so the relay
+// forwards only between a node and a proxy.
+func TestMeshRelayHub(t *testing.T) {
+	kself, sself := testKey(t)
+	r, err := newMeshRelay("px", kself, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.close()
+	k1, s1 := testKey(t)
+	k2, s2 := testKey(t)
+	nm := &wire.Netmap{
+		Topology: "hub",
+		Self:     wire.Peer{Name: "px", Role: wire.RoleProxy, WireGuardKey: sself},
+		Peers: []wire.Peer{
+			{Name: "pi1", Role: wire.RoleNode, WireGuardKey: s1},
+			{Name: "pi2", Role: wire.RoleNode, WireGuardKey: s2},
+		},
+	}
+	r.setTopology(nm)
+	r.setKeys(relayKeys(nm))
+	own, err := r.dial(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	pc := relay.NewClient(own)
+	defer pc.Close()
+	c1, _ := attach(t, r, "pi1")
+	c2, _ := attach(t, r, "pi2")
+	waitConnected(t, r, "pi1", "pi2", "px")
+
+	p := make([]byte, 148)
+	p[0] = 1
+	if err := c1.Send(k2, p); err != nil { // node to node: refused
+		t.Fatal(err)
+	}
+	if err := c1.Send(kself, p); err != nil { // node to proxy: forwarded
+		t.Fatal(err)
+	}
+	if src, _, err := pc.Recv(); err != nil || src != k1 {
+		t.Fatalf("proxy received from %x: %v", src[:4], err)
+	}
+	if st := r.srv.Stats(); st.DropDenied != 1 {
+		t.Fatalf("stats %+v, want one packet refused", st)
+	}
+	if err := pc.Send(k2, p); err != nil { // proxy to node: forwarded
+		t.Fatal(err)
+	}
+	if src, _, err := c2.Recv(); err != nil || src != kself {
+		t.Fatalf("pi2 received from %x (%v), want the proxy (and nothing from pi1)", src[:4], err)
+	}
+
+	// Back to a mesh: nodes may reach each other again.
+	nm.Topology = ""
+	r.setTopology(nm)
+	if err := c1.Send(k2, p); err != nil {
+		t.Fatal(err)
+	}
+	if src, _, err := c2.Recv(); err != nil || src != k1 {
+		t.Fatalf("pi2 received from %x (%v), want pi1", src[:4], err)
+	}
+}

@@ -149,6 +149,7 @@ func (p *Proxy) setNetmap(nm *wire.Netmap) {
 	var keys map[string][32]byte
 	if p.relay != nil {
 		keys = relayKeys(nm)
+		p.relay.setTopology(nm)
 		p.relay.setKeys(keys)
 	}
 	if p.ssh != nil {

@@ -199,6 +199,10 @@ type Netmap struct {
 	// they expired; only proxies' netmaps carry it, and a proxy ends the
 	// sessions they opened at once.
 	AccessRevoked []string `json:"access_revoked,omitempty"`
+	// Topology is the coordinator's topology: "mesh" (every member sees
+	// every other) or "hub" (nodes see only proxies, and the relay forwards
+	// only between a node and a proxy). Empty means mesh.
+	Topology string `json:"topology,omitempty"`
 	// IPv4Pool and IPv6Pool are the overlay prefixes every member's
 	// addresses come from (routed into a TUN interface as a whole).
 	IPv4Pool string `json:"ipv4_pool"`

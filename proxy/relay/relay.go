@@ -133,6 +133,10 @@ type Options struct {
 	// starts and about once a second per sending node, so it should be
 	// cheap (in memory). Required.
 	Lookup    func(node string) (key [32]byte, ok bool)
+	// Allow, if set, says whether src may send to dst (node names); a
+	// packet between members that may not see each other (the hub
+	// topology) is dropped. Called per packet: keep it cheap.
+	Allow     func(src, dst string) bool
 	Now       func() time.Time // default time.Now
 	Logger    *slog.Logger     // nil = discard; packet contents are never logged
 	RateBytes int              // per-node sustained bytes/s forwarded (default 8 MiB/s), burst 2x
@@ -145,6 +149,7 @@ type Stats struct {
 	ForwardedBytes uint64 // payload bytes of those packets
 	DropNotWG      uint64 // payloads without a WireGuard message header
 	DropNoDst      uint64 // no connected node holds the key, or it is the sender's own
+	DropDenied     uint64 // Options.Allow refused the pair (hub topology)
 	DropRate       uint64 // over the sender's rate limit
 	DropQueue      uint64 // the destination's send queue was full
 	BadFrames      uint64 // frames that closed their stream
@@ -168,6 +173,7 @@ type Server struct {
 	forwardedBytes atomic.Uint64
 	dropNotWG      atomic.Uint64
 	dropNoDst      atomic.Uint64
+	dropDenied     atomic.Uint64
 	dropRate       atomic.Uint64
 	dropQueue      atomic.Uint64
 	badFrames      atomic.Uint64
@@ -346,6 +352,7 @@ func (s *Server) Stats() Stats {
 		ForwardedBytes: s.forwardedBytes.Load(),
 		DropNotWG:      s.dropNotWG.Load(),
 		DropNoDst:      s.dropNoDst.Load(),
+		DropDenied:     s.dropDenied.Load(),
 		DropRate:       s.dropRate.Load(),
 		DropQueue:      s.dropQueue.Load(),
 		BadFrames:      s.badFrames.Load(),
@@ -473,6 +480,10 @@ func (s *Server) readLoop(c *conn) error {
 		s.mu.Unlock()
 		if d == nil || d == c {
 			s.dropNoDst.Add(1)
+			continue
+		}
+		if s.o.Allow != nil && !s.o.Allow(c.id, d.id) {
+			s.dropDenied.Add(1)
 			continue
 		}
 		// The source is always the sender's authenticated key.
