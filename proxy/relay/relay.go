@@ -132,7 +132,7 @@ type Options struct {
 	// false = unknown or revoked → refused. It is called when a stream
 	// starts and about once a second per sending node, so it should be
 	// cheap (in memory). Required.
-	Lookup    func(node string) (key [32]byte, ok bool)
+	Lookup func(node string) (key [32]byte, ok bool)
 	// Allow, if set, says whether src may send to dst (node names); a
 	// packet between members that may not see each other (the hub
 	// topology) is dropped. Called per packet: keep it cheap.
