@@ -61,10 +61,11 @@ type Lab struct {
 	t  testing.TB
 	ns map[string]string // logical name → real netns name
 
-	mu    sync.Mutex
-	cmds  []*exec.Cmd
-	ifs   map[string]map[string]bool // real ns → interface names made by Link
-	peers map[[2]string]string       // {ns, peer} → first interface in ns towards peer
+	mu     sync.Mutex
+	cmds   []*exec.Cmd
+	ifs    map[string]map[string]bool // real ns → interface names made by Link
+	peers  map[[2]string]string       // {ns, peer} → first interface in ns towards peer
+	lastIf map[string]string          // real ns → the interface newIfName made last
 }
 
 // runDir is where `ip netns` keeps its named namespaces.
@@ -90,10 +91,11 @@ func New(t *testing.T, names ...string) *Lab {
 	}
 	removeStale()
 	l := &Lab{
-		t:     t,
-		ns:    make(map[string]string),
-		ifs:   make(map[string]map[string]bool),
-		peers: make(map[[2]string]string),
+		t:      t,
+		ns:     make(map[string]string),
+		ifs:    make(map[string]map[string]bool),
+		peers:  make(map[[2]string]string),
+		lastIf: make(map[string]string),
 	}
 	for _, name := range names {
 		if name == "" {
@@ -237,6 +239,7 @@ func (l *Lab) newIfName(ns, peer string) string {
 		}
 	}
 	used[name] = true
+	l.lastIf[ns] = name
 	if k := [2]string{ns, peer}; l.peers[k] == "" {
 		l.peers[k] = name
 	}
