@@ -87,6 +87,15 @@ func (a *Agent) proxyPath() (pathbind.PathInfo, bool) {
 	return pathbind.PathInfo{}, false
 }
 
+// PeerPath reports how the peer named name is reached now.
+func (a *Agent) PeerPath(name string) (pathbind.PathInfo, bool) {
+	k, ok := a.peerKey(name)
+	if !ok {
+		return pathbind.PathInfo{}, false
+	}
+	return a.bind.PathOf(k)
+}
+
 // pathOf is the path of a peer for status and ping, in words.
 func (a *Agent) pathOf(key [32]byte) (path, reason, endpoint string) {
 	info, ok := a.bind.PathOf(key)

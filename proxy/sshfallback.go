@@ -7,9 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"slices"
-	"sync"
 	"sync/atomic"
-	"time"
 
 	"github.com/meshctl/meshctl/proxy/sshtunnel"
 	"github.com/meshctl/meshctl/wire"
@@ -23,7 +21,8 @@ import (
 // services it may forward, come from the proxy's netmap: a revoked node
 // leaves the netmap, so its SSH session is closed and its forwards vanish.
 // When both a WireGuard path and an SSH forward exist, WireGuard wins as
-// long as the node has handshaked with the proxy recently. The same SSH
+// long as the proxy reaches the node directly over UDP (its probes are
+// answered); otherwise the forward is the shorter way. The same SSH
 // connection also carries the node's relay channel (see relayserver.go).
 
 // SSHOptions configure the proxy's SSH fallback server.
@@ -37,23 +36,14 @@ type SSHOptions struct {
 	UserCA ssh.PublicKey
 }
 
-// wgRecent is how recent a WireGuard handshake must be for the proxy to
-// prefer WireGuard over an SSH forward (WireGuard rekeys every 2 minutes
-// while traffic flows; nodes keep alive toward the proxy every 25 s).
-const wgRecent = 3 * time.Minute
-
 type sshFallback struct {
 	srv   *sshtunnel.Server
 	ln    net.Listener
 	nodes atomic.Pointer[map[string]sshtunnel.NodeInfo] // active node name -> its services and relay right, from the netmap
-
-	mu        sync.Mutex
-	handshake map[string]time.Time // node name -> last WireGuard handshake with the proxy
-	checked   time.Time
 }
 
 func (p *Proxy) startSSH(o *SSHOptions) error {
-	f := &sshFallback{handshake: map[string]time.Time{}}
+	f := &sshFallback{}
 	empty := map[string]sshtunnel.NodeInfo{}
 	f.nodes.Store(&empty)
 	var relayFn func(string, io.ReadWriteCloser)
@@ -135,24 +125,12 @@ func (f *sshFallback) hasForward(node, service string) bool {
 	return slices.Contains(f.srv.Forwards(), sshtunnel.Forward{Node: node, Service: service})
 }
 
-// wireGuardUp reports whether node handshaked with the proxy recently,
-// reading the device at most every 2 s.
-func (f *sshFallback) wireGuardUp(p *Proxy, node string) bool {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	if now := time.Now(); now.Sub(f.checked) > 2*time.Second {
-		f.checked = now
-		clear(f.handshake)
-		if st, err := p.agent.Status(); err == nil {
-			for _, peer := range st.Peers {
-				if t, err := time.Parse(time.RFC3339, peer.LastHandshake); err == nil {
-					f.handshake[peer.Name] = t
-				}
-			}
-		}
-	}
-	t, ok := f.handshake[node]
-	return ok && time.Since(t) < wgRecent
+// directPath reports whether the proxy reaches node over a direct UDP
+// path confirmed by probes (WireGuard through the relay would ride on the
+// node's SSH connection anyway, so its forward is the shorter way).
+func directPath(p *Proxy, node string) bool {
+	info, ok := p.agent.PeerPath(node)
+	return ok && info.Path == "direct" && info.Confirmed
 }
 
 // dial reaches a route's address: through WireGuard, or through the node's
@@ -161,7 +139,7 @@ func (p *Proxy) dial(ctx context.Context, network, addr string) (net.Conn, error
 	if f := p.ssh; f != nil {
 		if ap, err := netip.ParseAddrPort(addr); err == nil {
 			rt, ok := p.table.Load().RouteFor(ap)
-			if ok && (rt.SSHOnly || f.hasForward(rt.Node, rt.Service) && !f.wireGuardUp(p, rt.Node)) {
+			if ok && (rt.SSHOnly || f.hasForward(rt.Node, rt.Service) && !directPath(p, rt.Node)) {
 				return f.srv.Dial(ctx, rt.Node, rt.Service)
 			}
 		}

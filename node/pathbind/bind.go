@@ -311,8 +311,25 @@ func (b *Bind) ParseEndpoint(s string) (conn.Endpoint, error) {
 	return b.inner.ParseEndpoint(s)
 }
 
+// stranger is the endpoint of a handshake from an address no peer was
+// known at. If WireGuard authenticates it, the peer roams to it; once the
+// address is attributed (the peer's probe arrived), sends to it follow
+// that peer's path, and its next attributed packet gives WireGuard back
+// the peer's own Endpoint.
+type stranger struct {
+	conn.Endpoint // the inner bind's
+	addr          netip.AddrPort
+}
+
 // Send implements conn.Bind.
 func (b *Bind) Send(bufs [][]byte, ep conn.Endpoint) error {
+	if s, ok := ep.(*stranger); ok {
+		if p := (*b.addrs.Load())[s.addr]; p != nil {
+			ep = p
+		} else {
+			return b.inner.Send(bufs, s.Endpoint)
+		}
+	}
 	p, ok := ep.(*Peer)
 	if !ok {
 		return b.inner.Send(bufs, ep)
@@ -411,6 +428,8 @@ func (b *Bind) wrapReceive(fn conn.ReceiveFunc) conn.ReceiveFunc {
 				if len(handshakes([][]byte{pkt})) == 0 {
 					b.stats.UnknownDropped.Add(1)
 					sizes[i] = 0
+				} else {
+					eps[i] = &stranger{Endpoint: eps[i], addr: src}
 				}
 				continue
 			}
