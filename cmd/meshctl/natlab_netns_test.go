@@ -249,11 +249,13 @@ func TestNATLabEndToEnd(t *testing.T) {
 			return
 		}
 		var last error
+		start := time.Now()
 		waitFor(t, within, what, func() (bool, string) {
 			checkAlive(t)
 			_, last = reach(from, to, 5*time.Second)
 			return last == nil, fmt.Sprint(last) + logs(t)
 		})
+		t.Logf("%s: works after %v", what, time.Since(start).Round(time.Millisecond))
 	}
 	// pathOf waits for pi1's status to report path want for peer pi2
 	// (natlabPaths), or logs what it reports.
@@ -426,9 +428,12 @@ func TestNATLabEndToEnd(t *testing.T) {
 		defer lab.ClearLoss(t, "pi1", site.If)
 		const n = 50
 		var failures []string
+		var slowest time.Duration
 		start := time.Now()
 		for i := 0; i < n; i++ {
+			reqStart := time.Now()
 			r := served(t, "pi1", "15")
+			slowest = max(slowest, time.Since(reqStart))
 			if r.code == 0 && r.stdout == "hello from pi1" {
 				okUnderLoss++
 			} else {
@@ -436,8 +441,8 @@ func TestNATLabEndToEnd(t *testing.T) {
 			}
 		}
 		lossTook = time.Since(start)
-		t.Logf("10%% loss on pi1's %s (%s): %d/%d requests through the proxy succeeded in %v",
-			site.If, how, okUnderLoss, n, lossTook.Round(time.Millisecond))
+		t.Logf("10%% loss on pi1's %s (%s): %d/%d requests through the proxy succeeded in %v (slowest %v)",
+			site.If, how, okUnderLoss, n, lossTook.Round(time.Millisecond), slowest.Round(time.Millisecond))
 		if okUnderLoss != n {
 			t.Errorf("%d/%d requests failed under 10%% loss (no retries):\n%s%s", n-okUnderLoss, n, strings.Join(failures, "\n"), logs(t))
 		}
