@@ -42,12 +42,12 @@ import (
 
 // Defaults for zero Options fields.
 const (
-	DefaultProbeInterval = 2 * time.Second  // probing a peer with no direct path
-	DefaultDirectProbe   = 5 * time.Second  // re-confirming a direct path
-	DefaultTrustWindow   = 12 * time.Second // a direct path stays trusted this long after its last answer
-	DefaultActiveTimeout = 2 * time.Minute  // a peer without traffic this long is no longer probed
-	DefaultRelayLinger   = time.Minute      // the relay stays connected this long after it was last needed
-	maxLearned           = 4                // learned (probe source) candidates kept per peer
+	DefaultProbeInterval = 2 * time.Second         // probing a peer with no direct path
+	DefaultDirectProbe   = 2500 * time.Millisecond // re-confirming a direct path
+	DefaultTrustWindow   = 6500 * time.Millisecond // a direct path stays trusted this long after its last answer (two probes missed)
+	DefaultActiveTimeout = 2 * time.Minute         // a peer without traffic this long is no longer probed
+	DefaultRelayLinger   = time.Minute             // the relay stays connected this long after it was last needed
+	maxLearned           = 4                       // learned (probe source) candidates kept per peer
 )
 
 // RelayConn is a connection to the relay (package proxy/relay's Client).
