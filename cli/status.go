@@ -135,7 +135,7 @@ func pingCommand() *cli.Command {
 			if err != nil {
 				return err
 			}
-			failed := 0
+			failed, lastVia := 0, ""
 			for i := range c.Int("count") {
 				if i > 0 {
 					time.Sleep(time.Second) // the interval between pings, as ping(8)
@@ -151,9 +151,10 @@ func pingCommand() *cli.Command {
 					via += " " + res.Endpoint
 				}
 				fmt.Fprintf(c.App.Writer, "pong from %s (%s) via %s in %s\n", res.Peer, res.Addr, via, res.RTT.Round(10*time.Microsecond))
-				if res.PathReason != "" {
-					fmt.Fprintf(c.App.Writer, "  path: %s\n", res.PathReason)
+				if res.PathReason != "" && via != lastVia { // why, whenever the path changes
+					fmt.Fprintf(c.App.Writer, "  %s: %s\n", res.Path, res.PathReason)
 				}
+				lastVia = via
 			}
 			if failed == c.Int("count") {
 				return fmt.Errorf("no answer from %s", args[0])
