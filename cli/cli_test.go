@@ -337,3 +337,16 @@ func TestEnrollRenameRevokeInProcess(t *testing.T) {
 		t.Errorf("nodes list --all shows revoked nodes:\n%s", o)
 	}
 }
+
+func TestParseSize(t *testing.T) {
+	for in, want := range map[string]int64{"64MiB": 64 << 20, "64M": 64 << 20, "1GiB": 1 << 30, "0": 0, "100000000": 100000000, " 48 mib ": 48 << 20, "1.5GiB": 3 << 29} {
+		if got, err := parseSize(in); err != nil || got != want {
+			t.Errorf("parseSize(%q) = %d, %v; want %d", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"", "MiB", "-1MiB", "64XB", "1MiB", "abc"} {
+		if got, err := parseSize(in); err == nil {
+			t.Errorf("parseSize(%q) = %d, want an error", in, got)
+		}
+	}
+}

@@ -5,6 +5,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"strconv"
 	"strings"
 
 	"github.com/meshctl/meshctl/node"
@@ -37,11 +38,18 @@ on the overlay address is reachable.
 If the coordinator is unreachable, the node comes up from its cached netmap
 and keeps its tunnels while it retries. A revoked node stops (exit code 3).
 
-If UDP to the proxy is blocked (no WireGuard handshake within
---fallback-timeout), the node serves its services through an SSH reverse
-tunnel to the proxy instead, authenticated by the SSH certificate from
-enrollment, and returns to WireGuard as soon as a handshake succeeds.
-meshctl status says which path is in use and why.
+Peers are reached directly over UDP where probes show a path (NATs are
+traversed where they allow it), else through the proxy's relay, still
+encrypted end to end. If UDP to the proxy is blocked (no probe answered
+within --fallback-timeout), the node serves its services through SSH
+reverse tunnels to the proxy, authenticated by the SSH certificate from
+enrollment, and stays reachable for peers through the relay on the same
+connection; it returns to UDP as soon as a probe is answered. meshctl
+status says which path each peer is on and why.
+
+The agent keeps the Go runtime under a soft memory limit (--memory-limit,
+default 64MiB; GOMEMLIMIT in the environment wins) and gives memory back to
+the system once traffic calms down.
 
 Examples:
   meshctl up --state-dir ./pi1 --expose web=127.0.0.1:3000,public
@@ -54,9 +62,11 @@ Examples:
 			&cli.StringFlag{Name: "tun", EnvVars: env("tun"), Usage: "use a kernel TUN interface with this name (needs root) instead of the userspace stack"},
 			&cli.StringFlag{Name: "socks5", EnvVars: env("socks5"), Usage: "serve a SOCKS5 proxy into the mesh on this local address, e.g. 127.0.0.1:1080"},
 			&cli.StringFlag{Name: "fallback", Value: node.FallbackAuto, EnvVars: env("fallback"),
-				Usage: "SSH fallback when UDP to the proxy is blocked: auto (after --fallback-timeout without a WireGuard handshake), off, or always"},
+				Usage: "SSH fallback when UDP to the proxy is blocked: auto (after --fallback-timeout without an answer over UDP), off (also no relay), or always"},
 			&cli.DurationFlag{Name: "fallback-timeout", Value: node.DefaultFallbackTimeout, EnvVars: env("fallback-timeout"),
-				Usage: "how long to wait for a WireGuard handshake with the proxy before falling back to SSH"},
+				Usage: "how long the proxy may not answer over UDP before the node falls back to SSH"},
+			&cli.StringFlag{Name: "memory-limit", Value: "64MiB", EnvVars: env("memory-limit"),
+				Usage: "soft memory limit of the agent, e.g. 48MiB or 1GiB; 0 = none (GOMEMLIMIT, if set, wins)"},
 			&cli.StringSliceFlag{Name: "endpoint", EnvVars: env("endpoint"), Usage: "advertise this IP:PORT to peers instead of this host's addresses (repeatable; e.g. a forwarded port; spaces separate several in MESHCTL_ENDPOINT)"},
 		}, logFlags()...),
 		Action: runUp,
@@ -87,6 +97,11 @@ func runUp(c *cli.Context) error {
 		}
 		eps = append(eps, ap)
 	}
+	limit, err := parseSize(c.String("memory-limit"))
+	if err != nil {
+		return usageError("--memory-limit: %v", err)
+	}
+	node.SetMemoryLimit(limit)
 	dir := c.String("state-dir")
 	a, err := node.NewAgent(node.AgentOptions{
 		StateDir:           dir,
@@ -123,6 +138,30 @@ func runUp(c *cli.Context) error {
 	}
 	fmt.Fprintf(w, "  status: meshctl status --state-dir %s\n", dir)
 	return waitForSignal(c, log, a)
+}
+
+// parseSize parses a byte size: a number with an optional unit B, KiB,
+// MiB, GiB (or K, M, G, KB, MB, GB, all powers of 1024); 0 means none.
+func parseSize(s string) (int64, error) {
+	t := strings.TrimSpace(s)
+	i := strings.IndexFunc(t, func(r rune) bool { return (r < '0' || r > '9') && r != '.' })
+	num, unit := t, ""
+	if i >= 0 {
+		num, unit = t[:i], strings.ToLower(strings.TrimSpace(t[i:]))
+	}
+	n, err := strconv.ParseFloat(num, 64)
+	if err != nil || n < 0 {
+		return 0, fmt.Errorf("%q is not a size like 64MiB", s)
+	}
+	mult := map[string]float64{"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10,
+		"m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}[unit]
+	if mult == 0 {
+		return 0, fmt.Errorf("%q: unknown unit %q (use KiB, MiB or GiB)", s, unit)
+	}
+	if v := n * mult; v > 0 && v < 8<<20 {
+		return 0, fmt.Errorf("%q is below 8MiB, too small for the agent (0 = no limit)", s)
+	}
+	return int64(n * mult), nil
 }
 
 // sdNotify tells systemd (Type=notify units) about the service state. It

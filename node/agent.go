@@ -295,6 +295,7 @@ func (a *Agent) Start() (err error) {
 		}
 	}
 	a.goLoop(func() { a.bind.Run(a.ctx) })
+	a.goLoop(a.trimLoop)
 	a.goLoop(a.netmapLoop)
 	a.goLoop(a.reportLoop)
 	a.goLoop(a.renewLoop)
