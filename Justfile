@@ -30,6 +30,11 @@ cross:
     GOOS=linux GOARCH=arm GOARM=7 CGO_ENABLED=0 go build -o bin/meshctl-linux-armv7 ./cmd/meshctl
     GOOS=linux GOARCH=arm GOARM=6 CGO_ENABLED=0 go build -o bin/meshctl-linux-armv6 ./cmd/meshctl
 
+# Benchmarks on loopback against baselines, into docs/benchmarks.md (needs wrk;
+# as root for the TUN rows). `just bench -quick` is a smoke run.
+bench *ARGS:
+    go run ./bench -out docs/benchmarks.md {{ARGS}}
+
 # The end-to-end user flow through the real binary (loopback only).
 user-flow:
     bash ../shared/checks/user-flow.sh
