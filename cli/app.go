@@ -133,9 +133,32 @@ func version() string {
 func versionCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "version",
-		Usage: "print meshctl's version",
+		Usage: "print meshctl's version (--modules: and the Go version and every module it was built from)",
+		Description: `With --modules, the Go toolchain and each module compiled into this binary
+follow, one per line ("path version", with "=> replacement" where one
+applies), so that a build can be checked against vulnerability databases,
+e.g. govulncheck -mode binary ./meshctl where its database is reachable.`,
+		Flags: []cli.Flag{&cli.BoolFlag{Name: "modules", EnvVars: env("modules"), Usage: "also print the Go version and the modules in this build"}},
 		Action: func(c *cli.Context) error {
+			if err := noArgs(c); err != nil {
+				return err
+			}
 			fmt.Fprintf(c.App.Writer, "meshctl %s\n", version())
+			if !c.Bool("modules") {
+				return nil
+			}
+			bi, ok := debug.ReadBuildInfo()
+			if !ok {
+				return errors.New("this binary carries no build information (built without module support)")
+			}
+			fmt.Fprintf(c.App.Writer, "go %s\n", bi.GoVersion)
+			for _, m := range bi.Deps {
+				line := m.Path + " " + m.Version
+				if m.Replace != nil {
+					line += " => " + m.Replace.Path + " " + m.Replace.Version
+				}
+				fmt.Fprintln(c.App.Writer, line)
+			}
 			return nil
 		},
 	}

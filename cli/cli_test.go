@@ -350,3 +350,12 @@ func TestParseSize(t *testing.T) {
 		}
 	}
 }
+
+func TestVersionModules(t *testing.T) {
+	o := mustRun(t, "version", "--modules")
+	// (A test binary carries no module list; cmd/meshctl checks the real
+	// binary's.)
+	if !strings.Contains(o.stdout, "\ngo go1.") {
+		t.Errorf("version --modules printed %q, want the Go version", o.stdout)
+	}
+}

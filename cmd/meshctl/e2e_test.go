@@ -659,3 +659,15 @@ func TestEndToEnd(t *testing.T) {
 		}
 	})
 }
+
+// The real binary lists the modules it was built from (for vulnerability
+// checks against its exact dependencies).
+func TestVersionListsModules(t *testing.T) {
+	needBinary(t)
+	r := mustOK(t, nil, "version", "--modules")
+	for _, want := range []string{"\ngo go1.", "\ngolang.zx2c4.com/wireguard v", "\ngolang.org/x/crypto v", "\nmodernc.org/sqlite v"} {
+		if !strings.Contains(r.stdout, want) {
+			t.Errorf("version --modules lacks %q:\n%s", strings.TrimSpace(want), r.stdout)
+		}
+	}
+}
