@@ -1,0 +1,5 @@
+//go:build !race
+
+package fastnet
+
+const raceEnabled = false
