@@ -9,27 +9,28 @@ import (
 	"net/netip"
 	"time"
 
+	"github.com/meshctl/meshctl/node/fastnet"
 	"golang.org/x/net/icmp"
 	"golang.org/x/net/ipv4"
 	"golang.org/x/net/ipv6"
 	"golang.zx2c4.com/wireguard/tun"
-	"golang.zx2c4.com/wireguard/tun/netstack"
 )
 
 // DefaultMTU is the overlay MTU: 1500 minus IPv6 (40), UDP (8) and
 // WireGuard (32) overhead, as wg-quick uses.
 const DefaultMTU = 1420
 
-// netstackPlane runs the overlay addresses in a userspace gVisor stack:
-// only the agent's own listeners exist there, so every other overlay port
-// refuses (RST) without any firewall.
+// netstackPlane runs the overlay addresses in a userspace gVisor stack
+// (node/fastnet, meshctl's own batched, GSO/GRO data plane): only the
+// agent's own listeners exist there, so every other overlay port refuses
+// (RST) without any firewall.
 type netstackPlane struct {
-	dev  tun.Device
-	tnet *netstack.Net
+	dev  *fastnet.Device
+	tnet *fastnet.Net
 }
 
 func newNetstackPlane(v4, v6 netip.Addr, mtu int) (*netstackPlane, error) {
-	dev, tnet, err := netstack.CreateNetTUN([]netip.Addr{v4, v6}, nil, mtu)
+	dev, tnet, err := fastnet.New([]netip.Addr{v4, v6}, mtu, fastnet.Options{})
 	if err != nil {
 		return nil, fmt.Errorf("userspace network stack: %w", err)
 	}
