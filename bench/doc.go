@@ -14,10 +14,12 @@
 //
 // # Measurements
 //
-// HTTP (wrk -c64 -t2 --latency, a 10 s run per figure) for a 1 KiB body
-// (requests/s, p50 and p99 latency) and a 1 MiB body (MB/s of response
-// bodies, MB = 10^6 bytes), on these paths to one backend (Go net/http
-// serving fixed bodies, its own process):
+// HTTP (wrk -c64 -t2 --latency, a 10 s run per figure, after a 2 s
+// uncounted warm-up of every path) for a 1 KiB body
+// (requests/s, p50 and p99 latency) and a 1 MiB body (MB/s of every byte
+// wrk read, so that responses still in flight at the end count too; MB =
+// 10^6 bytes), on these paths to one backend (Go net/http serving fixed
+// bodies, its own process):
 //
 //   - direct: wrk → backend (baseline).
 //   - reverse proxy: wrk → httputil.ReverseProxy with MaxIdleConnsPerHost
@@ -58,11 +60,13 @@
 //
 // Each figure is measured in 3 runs, interleaved: run 1 of every path,
 // then run 2 of every path, and so on (A1 B1 C1 A2 B2 C2 …), so that
-// drift on the machine hits every path alike. A table shows the median of
-// the 3 and their min–max. A ratio compares a path with a baseline within
-// the same run: for run i it is value(path, i) ÷ value(baseline, i), and
-// the table shows the median of those per-run ratios (for latencies and
-// CPU a ratio above 1 is worse, for throughput below 1).
+// drift on the machine hits every path alike; each run starts after a 1 s
+// pause, so that the previous one's aftermath is not billed to it. A
+// table shows the median of the 3 and their min–max. A ratio compares a
+// path with a baseline within the same run: for run i it is
+// value(path, i) ÷ value(baseline, i), and the table shows the median of
+// those per-run ratios (for latencies and CPU a ratio above 1 is worse,
+// for throughput below 1).
 //
 // Before measuring, each path is checked to serve exactly the expected
 // bytes (both HTTP bodies, and the source's pattern through every bulk

@@ -109,13 +109,11 @@ func run(ctx context.Context, o options) (err error) {
 	if err != nil {
 		return err
 	}
-	ps := &procs{}
-	defer ps.stopAll()
-	s := &session{o: o, w: w, ps: ps, self: self, dir: dir, res: results{}, mem: newMemory()}
+	s := &session{o: o, w: w, ps: &procs{}, self: self, dir: dir, res: results{}, mem: newMemory()}
+	defer s.tearDown()
 	if err := s.setUp(ctx, bin); err != nil {
 		return err
 	}
-	defer s.tearDown()
 	if err := s.measure(ctx); err != nil {
 		return err
 	}

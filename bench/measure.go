@@ -5,6 +5,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"math"
 	"strconv"
 	"sync"
 	"time"
@@ -18,6 +19,11 @@ var streamCounts = []int{1, 4}
 // next.
 const settle = time.Second
 
+// warmUp is how long each HTTP path is loaded, uncounted, before the
+// measured runs (not in -quick mode): connection pools fill up and the
+// processes' heaps grow to their working size.
+const warmUp = 2 * time.Second
+
 // measure runs every figure: memory while idle, the HTTP rows, the bulk
 // rows, then memory again after the load.
 func (s *session) measure(ctx context.Context) error {
@@ -26,10 +32,10 @@ func (s *session) measure(ctx context.Context) error {
 	stop := s.mem.sample(procs)
 	defer stop()
 	if !s.o.quick {
-		fmt.Fprintln(s.o.log, "warming up every HTTP path (1 s each, not counted) …")
+		fmt.Fprintf(s.o.log, "warming up every HTTP path (%s each, not counted) …\n", warmUp)
 		for _, sz := range sizes {
 			for _, t := range s.http {
-				if _, err := s.w.run(ctx, t.url+sz.path, t.host, time.Second); err != nil {
+				if _, err := s.w.run(ctx, t.url+sz.path, t.host, warmUp); err != nil {
 					return err
 				}
 			}
@@ -38,7 +44,7 @@ func (s *session) measure(ctx context.Context) error {
 	for i := range s.o.runs {
 		for _, sz := range sizes {
 			for _, t := range s.http {
-				if err := s.httpRun(ctx, i, sz.key, sz.path, sz.n, t); err != nil {
+				if err := s.httpRun(ctx, i, sz, t); err != nil {
 					return err
 				}
 			}
@@ -73,7 +79,7 @@ func pause(ctx context.Context, d time.Duration) error {
 }
 
 // httpRun is run i of wrk on t for one body size.
-func (s *session) httpRun(ctx context.Context, i int, size, path string, n int, t *httpTarget) error {
+func (s *session) httpRun(ctx context.Context, i int, sz bodySize, t *httpTarget) error {
 	if err := pause(ctx, settle); err != nil {
 		return err
 	}
@@ -84,10 +90,10 @@ func (s *session) httpRun(ctx context.Context, i int, size, path string, n int, 
 	if err != nil {
 		return err
 	}
-	if size == "1m" {
+	if sz.key == "1m" {
 		s.mem.setPhase("http")
 	}
-	r, err := s.w.run(ctx, t.url+path, t.host, s.o.duration)
+	r, err := s.w.run(ctx, t.url+sz.path, t.host, s.o.duration)
 	s.mem.setPhase("")
 	if err != nil {
 		return err
@@ -100,18 +106,27 @@ func (s *session) httpRun(ctx context.Context, i int, size, path string, n int, 
 		if t.seen == nil {
 			t.seen = map[string]int{}
 		}
-		t.seen[pathOf(after-before, r.Requests*int64(n))]++
+		t.seen[pathOf(after-before, r.Bytes)]++
 	}
 	sec := r.seconds()
-	s.res.add(size+".errors", t.key, i, float64(r.errors()))
-	if size == "1k" {
+	s.res.add(sz.key+".errors", t.key, i, float64(r.errors()))
+	if r.Requests == 0 {
+		s.notes = append(s.notes, fmt.Sprintf("%s, %s, run %d: no request completed in %s.", t.label, sz.label, i+1, s.o.duration))
+	}
+	if sz.key == "1k" {
 		s.res.add("1k.rps", t.key, i, float64(r.Requests)/sec)
-		s.res.add("1k.p50", t.key, i, float64(r.P50US)/1e3)
-		s.res.add("1k.p99", t.key, i, float64(r.P99US)/1e3)
+		p50, p99 := float64(r.P50US)/1e3, float64(r.P99US)/1e3
+		if r.Requests == 0 {
+			p50, p99 = math.NaN(), math.NaN()
+		}
+		s.res.add("1k.p50", t.key, i, p50)
+		s.res.add("1k.p99", t.key, i, p99)
 		fmt.Fprintf(s.o.log, "run %d/%d  1 KiB  %-58s %8.0f req/s  p50 %6.2f ms  p99 %7.2f ms  errors %d\n",
-			i+1, s.o.runs, t.label, float64(r.Requests)/sec, float64(r.P50US)/1e3, float64(r.P99US)/1e3, r.errors())
+			i+1, s.o.runs, t.label, float64(r.Requests)/sec, p50, p99, r.errors())
 	} else {
-		mbps := float64(r.Requests) * float64(n) / sec / 1e6
+		// Every byte wrk read, so that responses still in flight when the
+		// run ends count too (64 of them at a time, each up to 1 MiB).
+		mbps := float64(r.Bytes) / sec / 1e6
 		s.res.add("1m.mbps", t.key, i, mbps)
 		fmt.Fprintf(s.o.log, "run %d/%d  1 MiB  %-58s %8.1f MB/s  errors %d\n", i+1, s.o.runs, t.label, mbps, r.errors())
 	}

@@ -136,7 +136,7 @@ func (s *session) report(w io.Writer, mach machine) {
 	s.httpTable(w, "Latency, median (p50)", "ms", "1k.p50")
 	s.httpTable(w, "Latency, 99th percentile (p99)", "ms", "1k.p99")
 	p("## HTTP, 1 MiB body\n\n")
-	s.httpTable(w, "Throughput of response bodies", "MB/s", "1m.mbps")
+	s.httpTable(w, "Throughput (every byte wrk read)", "MB/s", "1m.mbps")
 
 	p("### The way the proxy reached each node\n\n")
 	p("Observed in every measured run from the node's WireGuard byte counters\n")

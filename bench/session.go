@@ -50,6 +50,7 @@ type httpTarget struct {
 	host       string // the Host header ("" = wrk's own)
 	node       *node  // the node behind the proxy; nil for the baselines
 	want       string // the path the proxy must take (pathWG, pathSSH; "" = any)
+	fallback   bool   // the node runs --fallback always: wait for its SSH forwards
 	seen       map[string]int
 	cmd        string // one wrk command line, for the report
 }
@@ -69,11 +70,13 @@ const (
 	pathSSH = "SSH forward"
 )
 
-// Body sizes of the HTTP rows.
-var sizes = []struct {
+// bodySize is one body of the HTTP rows.
+type bodySize struct {
 	key, label, path string
 	n                int
-}{
+}
+
+var sizes = []bodySize{
 	{"1k", "1 KiB", path1K, 1 << 10},
 	{"1m", "1 MiB", path1M, 1 << 20},
 }
@@ -136,7 +139,7 @@ func (s *session) setUp(ctx context.Context, bin string) error {
 	if err != nil {
 		return err
 	}
-	s.http = append(s.http, &httpTarget{key: "fallback", label: "SSH fallback: proxy → pi3 (--fallback always, UDP open)", url: proxyURL, host: "pi3.localhost", node: pi3})
+	s.http = append(s.http, &httpTarget{key: "fallback", label: "SSH fallback: proxy → pi3 (--fallback always, UDP open)", url: proxyURL, host: "pi3.localhost", node: pi3, fallback: true})
 
 	if os.Geteuid() != 0 {
 		s.notes = append(s.notes, "Not run as root: the TUN rows and the SSH fallback with UDP blocked were skipped.")
@@ -164,7 +167,7 @@ func (s *session) addRootNodes(ctx context.Context, proxyURL, web, pi1Source str
 			return err
 		}
 		s.http = append(s.http, &httpTarget{key: "fallback-ssh", label: "SSH fallback: proxy → pi4 (--fallback always, UDP blocked)",
-			url: proxyURL, host: "pi4.localhost", node: pi4, want: pathSSH})
+			url: proxyURL, host: "pi4.localhost", node: pi4, want: pathSSH, fallback: true})
 	}
 	pi5, err := s.addNode(ctx, "pi5", "--tun", tunName, "--expose", web)
 	if err != nil {
@@ -184,6 +187,7 @@ func (s *session) addNode(ctx context.Context, name string, flags ...string) (*n
 	return n, nil
 }
 
+// tearDown stops every process and removes the nftables rule, if any.
 func (s *session) tearDown() {
 	s.ps.stopAll()
 	if s.unblock != nil {
@@ -205,7 +209,7 @@ func (s *session) meshProcs() []*proc {
 func (s *session) check(ctx context.Context) error {
 	fmt.Fprintln(s.o.log, "checking that every path serves the expected bytes …")
 	for _, t := range s.http {
-		if t.node != nil && strings.Contains(t.key, "fallback") {
+		if t.fallback {
 			err := waitFor(ctx, time.Minute, func() error {
 				st, err := s.mesh.status(ctx, t.node)
 				if err == nil && !st.Fallback.Active {

@@ -250,7 +250,9 @@ type memStats struct {
 	PeakRSSMiB   float64 `json:"peak_rss_mib"`
 	HeapLiveMiB  float64 `json:"heap_live_mib,omitempty"`  // after the last GC
 	HeapInUseMiB float64 `json:"heap_inuse_mib,omitempty"` // objects + unused slots in spans
-	GoTotalMiB   float64 `json:"go_total_mib,omitempty"`   // everything the Go runtime mapped
+	StacksMiB    float64 `json:"stacks_mib,omitempty"`     // goroutine stacks
+	HeapFreeMiB  float64 `json:"heap_free_mib,omitempty"`  // free heap not yet returned to the OS
+	GoTotalMiB   float64 `json:"go_total_mib,omitempty"`   // everything the Go runtime mapped, less what it released
 	Goroutines   int     `json:"goroutines,omitempty"`
 	FDs          int     `json:"fds,omitempty"`
 }
@@ -264,6 +266,8 @@ func selfMem() memStats {
 		{Name: "/memory/classes/heap/unused:bytes"},
 		{Name: "/memory/classes/total:bytes"},
 		{Name: "/memory/classes/heap/released:bytes"},
+		{Name: "/memory/classes/heap/stacks:bytes"},
+		{Name: "/memory/classes/heap/free:bytes"},
 	}
 	metrics.Read(s)
 	u := func(i int) float64 {
@@ -275,6 +279,7 @@ func selfMem() memStats {
 	m.HeapLiveMiB = u(0)
 	m.HeapInUseMiB = u(1) + u(2)
 	m.GoTotalMiB = u(3) - u(4)
+	m.StacksMiB, m.HeapFreeMiB = u(5), u(6)
 	m.Goroutines = runtime.NumGoroutine()
 	if ents, err := os.ReadDir("/proc/self/fd"); err == nil {
 		m.FDs = len(ents)

@@ -692,8 +692,9 @@ func printTopology(w io.Writer, r *topoResult) {
 		cpuLine(r.Enroll.CPU, r.Enroll.Count, "enrollment"), float64(r.Enroll.BytesIn)/1e6, r.KeygenSeconds, r.TokenSeconds)
 	p("watch       %d watchers parked in %.1fs: %d answers (%d full, %d deltas), %.1f MB; %s",
 		r.Watch.Count, r.Watch.Seconds, r.Watch.Answers, r.Watch.Full, r.Watch.Deltas, float64(r.Watch.BytesIn)/1e6, cpuLine(r.Watch.CPU, 0, ""))
-	p("memory      RSS %.0f MiB (peak %.0f), Go heap live %.0f MiB, in use %.0f MiB, Go total %.0f MiB, %d goroutines, %d fds [%s]",
-		r.Memory.RSSMiB, r.Memory.PeakRSSMiB, r.Memory.HeapLiveMiB, r.Memory.HeapInUseMiB, r.Memory.GoTotalMiB, r.Memory.Goroutines, r.Memory.FDs, r.Memory.Scope)
+	p("memory      RSS %.0f MiB (peak %.0f), Go heap live %.0f MiB, in use %.0f MiB, free %.0f MiB, stacks %.0f MiB, Go total %.0f MiB, %d goroutines, %d fds [%s]",
+		r.Memory.RSSMiB, r.Memory.PeakRSSMiB, r.Memory.HeapLiveMiB, r.Memory.HeapInUseMiB, r.Memory.HeapFreeMiB, r.Memory.StacksMiB,
+		r.Memory.GoTotalMiB, r.Memory.Goroutines, r.Memory.FDs, r.Memory.Scope)
 	c := r.Change
 	p("revoke      %d revocations: last watcher p50 %.0f ms, p99 %.0f ms, max %.0f ms (per watcher: p50 %.0f ms, p99 %.0f ms)%s",
 		len(r.Revocations), c.LastP50Ms, c.LastP99Ms, c.LastMaxMs, c.WatcherP50Ms, c.WatcherP99Ms,
