@@ -3,6 +3,7 @@ package coordinator
 import (
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -99,16 +100,60 @@ func (s *Server) handleEnroll(w http.ResponseWriter, r *http.Request) error {
 	}
 	s.state.apply(node.ID, peerOf(&node))
 	s.log.Info("node enrolled", "node", node.Name, "id", node.ID, "ipv4", node.IPv4, "token_id", tokenID, "remote", src)
-	nm, _ := s.state.current().netmapFor(node.ID, &s.opts, s.ipv6)
-	writeJSON(w, http.StatusOK, wire.EnrollResponse{
+	return writeEnrollResponse(w, enrollHead{
 		Node:           s.wireNode(&node),
 		Certificate:    string(pki.CertPEM(cert)),
 		CA:             string(s.ca.CertPEM()),
-		Netmap:         nm,
 		SSHCertificate: sshCert,
 		SSHCA:          s.sshCAKey(sshCert),
-	})
-	return nil
+	}, s.state.current(), node.ID, &s.opts, s.ipv6)
+}
+
+// enrollHead is wire.EnrollResponse without Netmap, which
+// writeEnrollResponse appends pre-encoded (in the mesh topology it lists
+// every member). TestEnrollHeadMirrorsWire keeps it in step.
+type enrollHead struct {
+	Node           wire.Node `json:"node"`
+	Certificate    string    `json:"certificate"`
+	CA             string    `json:"ca"`
+	SSHCertificate string    `json:"ssh_certificate,omitempty"`
+	SSHCA          string    `json:"ssh_ca,omitempty"`
+}
+
+// writeEnrollResponse answers an enrollment: head and the new node's
+// netmap in snap, streamed.
+func writeEnrollResponse(w http.ResponseWriter, head enrollHead, snap *snapshot, id string, o *Options, ipv6Pool netip.Prefix) error {
+	hb, err := json.Marshal(&head)
+	if err != nil {
+		return err
+	}
+	var nj *netmapJSON
+	var empty []byte
+	if self, ok := snap.byID[id]; ok {
+		nj = snap.render(self, 0, netmapPlan{full: true}, o, ipv6Pool)
+	} else { // revoked already
+		empty, _ = json.Marshal(wire.Netmap{})
+	}
+	size := len(hb) - 1 + len(`,"netmap":`) + len(empty) + len("}\n")
+	if nj != nil {
+		size += nj.size
+	}
+	h := w.Header()
+	h.Set("Content-Type", "application/json")
+	h.Set("Cache-Control", "no-store")
+	h.Set("Content-Length", strconv.Itoa(size))
+	w.WriteHeader(http.StatusOK)
+	w.Write(hb[:len(hb)-1])
+	w.Write([]byte(`,"netmap":`))
+	if nj != nil {
+		if err := nj.writeTo(w); err != nil {
+			return err
+		}
+	} else {
+		w.Write(empty)
+	}
+	_, err = w.Write([]byte("}\n"))
+	return err
 }
 
 func validateWireGuardKey(k string) error {

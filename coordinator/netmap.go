@@ -1,11 +1,15 @@
 package coordinator
 
 import (
+	"bufio"
 	"cmp"
 	"encoding/json"
+	"io"
 	"maps"
+	"net/http"
 	"net/netip"
 	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -14,25 +18,71 @@ import (
 	"github.com/meshctl/meshctl/wire"
 )
 
+// peerRec is a published peer and its JSON encoding, made once when it is
+// published and shared by every netmap and delta that lists it, so that
+// rendering a netmap of n peers is n copies of bytes, not n encodings.
+// Published records are never modified.
+type peerRec struct {
+	wire.Peer
+	enc []byte
+}
+
+func newPeerRec(p *wire.Peer) *peerRec {
+	b, err := json.Marshal(p)
+	if err != nil {
+		panic("coordinator: encode peer: " + err.Error()) // strings, numbers and bools only
+	}
+	return &peerRec{Peer: *p, enc: b}
+}
+
 // snapshot is an immutable view of the active (unrevoked) nodes at one
 // netmap version. Readers load it without locks; the single writer
-// (netmapState.apply) publishes a new one per change, copying only the
-// index, never re-reading the store or rendering every node's netmap.
+// (netmapState.publish) makes a new one per batch of changes, copying the
+// indexes, never re-reading the store or rendering anyone's netmap.
 type snapshot struct {
 	version uint64
-	byID    map[string]*wire.Peer
-	byName  map[string]*wire.Peer
-	sorted  []*wire.Peer // by name
-	proxies []*wire.Peer // the members with role proxy, by name (hub topology)
+	byID    map[string]*peerRec
+	byName  map[string]*peerRec
+	sorted  []*peerRec // by name
+	proxies []*peerRec // the members with role proxy, by name (hub topology)
 	// sshByID and sshSorted (by name) hold the active SSH-only nodes. They
 	// are never WireGuard peers (no key, no address); only proxies'
 	// netmaps carry them, in SSHOnly.
-	sshByID   map[string]*wire.Peer
-	sshSorted []*wire.Peer
+	sshByID   map[string]*peerRec
+	sshSorted []*peerRec
 	// accessRevoked lists the access keys revoked before they expired,
 	// sorted by id. Only proxies' netmaps carry it, without the entries
 	// that have expired since (pruned when rendering).
 	accessRevoked []revokedAccess
+	// diffs are the most recent changes, oldest first, the last one being
+	// the change that made this snapshot: diffs[i] made version
+	// version-len(diffs)+1+i. They let a node that has an older version
+	// get only what changed (a delta), and let a long-poll tell whether a
+	// change concerns its node at all. Bounded by maxDiffs and
+	// maxDiffChanges.
+	diffs []*diff
+	// next is closed once the next snapshot is published.
+	next chan struct{}
+}
+
+// Bounds of the ring of recent diffs a snapshot keeps. A node whose
+// version is older than the ring gets a full netmap.
+const (
+	maxDiffs       = 1024
+	maxDiffChanges = 16384
+)
+
+// diff is what changed from one snapshot to the next.
+type diff struct {
+	changes []change
+	access  bool // the revoked access keys changed
+}
+
+// change is one node's entry before and after a diff (nil: absent, i.e.
+// not enrolled yet, or revoked).
+type change struct {
+	id       string
+	old, new *peerRec
 }
 
 // revokedAccess is an access key revoked before its expiry.
@@ -41,17 +91,28 @@ type revokedAccess struct {
 	expires time.Time
 }
 
-// netmapState holds the current snapshot and wakes long-polls on change.
+// netmapState holds the current snapshot and publishes changes.
 type netmapState struct {
 	snap atomic.Pointer[snapshot]
 
-	mu      sync.Mutex // serialises writers; guards changed
-	changed chan struct{}
+	// mu serialises publishers. Changes are queued first (qmu, queue) and
+	// whoever holds mu publishes every queued change in one snapshot, so
+	// that a burst of enrollments costs one snapshot copy per batch rather
+	// than one per node.
+	mu    sync.Mutex
+	qmu   sync.Mutex
+	queue []*pendingChange
 
 	// accessMu serialises refreshes of the revoked access keys (read the
 	// store, then publish), so that an older read never replaces a newer
 	// one.
 	accessMu sync.Mutex
+}
+
+type pendingChange struct {
+	id   string
+	p    *wire.Peer // nil removes
+	done chan struct{}
 }
 
 // newNetmapState builds the first snapshot from the store's active nodes.
@@ -62,46 +123,40 @@ type netmapState struct {
 // revoked are the access keys revoked before they expired (see
 // revokedAccessOf).
 func newNetmapState(nodes []store.Node, revoked []revokedAccess, now time.Time) *netmapState {
-	s := &netmapState{changed: make(chan struct{})}
-	byID := make(map[string]*wire.Peer, len(nodes))
-	sshByID := map[string]*wire.Peer{}
+	s := &netmapState{}
+	snap := &snapshot{version: uint64(now.UnixNano()), byID: map[string]*peerRec{}, byName: map[string]*peerRec{},
+		sshByID: map[string]*peerRec{}, accessRevoked: revoked, next: make(chan struct{})}
 	for i := range nodes {
 		if nodes[i].Revoked() {
 			continue
 		}
-		if p := peerOf(&nodes[i]); p.Role == wire.RoleSSH {
-			sshByID[p.ID] = p
+		r := newPeerRec(peerOf(&nodes[i]))
+		if r.Role == wire.RoleSSH {
+			snap.sshByID[r.ID] = r
+			snap.sshSorted = append(snap.sshSorted, r)
 		} else {
-			byID[p.ID] = p
+			snap.byID[r.ID] = r
+			snap.sorted = append(snap.sorted, r)
 		}
+		snap.byName[r.Name] = r
 	}
-	s.snap.Store(newSnapshot(uint64(now.UnixNano()), byID, sshByID, revoked))
+	slices.SortFunc(snap.sorted, byName)
+	slices.SortFunc(snap.sshSorted, byName)
+	snap.proxies = proxiesOf(snap.sorted)
+	s.snap.Store(snap)
 	return s
 }
 
-func newSnapshot(version uint64, byID, sshByID map[string]*wire.Peer, revoked []revokedAccess) *snapshot {
-	sorted := make([]*wire.Peer, 0, len(byID))
-	byName := make(map[string]*wire.Peer, len(byID)+len(sshByID))
-	for _, p := range byID {
-		sorted = append(sorted, p)
-		byName[p.Name] = p
-	}
-	sshSorted := make([]*wire.Peer, 0, len(sshByID))
-	for _, p := range sshByID {
-		sshSorted = append(sshSorted, p)
-		byName[p.Name] = p
-	}
-	byName2 := func(a, b *wire.Peer) int { return cmp.Compare(a.Name, b.Name) }
-	slices.SortFunc(sorted, byName2)
-	slices.SortFunc(sshSorted, byName2)
-	var proxies []*wire.Peer
+func byName(a, b *peerRec) int { return cmp.Compare(a.Name, b.Name) }
+
+func proxiesOf(sorted []*peerRec) []*peerRec {
+	var out []*peerRec
 	for _, p := range sorted {
 		if p.Role == wire.RoleProxy {
-			proxies = append(proxies, p)
+			out = append(out, p)
 		}
 	}
-	return &snapshot{version: version, byID: byID, byName: byName, sorted: sorted, proxies: proxies,
-		sshByID: sshByID, sshSorted: sshSorted, accessRevoked: revoked}
+	return out
 }
 
 // lookup returns the active node (SSH-only ones included) named nameOrID,
@@ -109,50 +164,119 @@ func newSnapshot(version uint64, byID, sshByID map[string]*wire.Peer, revoked []
 // another node's id names the node with that name.
 func (snap *snapshot) lookup(nameOrID string) (*wire.Peer, bool) {
 	if p, ok := snap.byName[nameOrID]; ok {
-		return p, true
+		return &p.Peer, true
 	}
 	if p, ok := snap.byID[nameOrID]; ok {
-		return p, true
+		return &p.Peer, true
 	}
-	p, ok := snap.sshByID[nameOrID]
-	return p, ok
+	if p, ok := snap.sshByID[nameOrID]; ok {
+		return &p.Peer, true
+	}
+	return nil, false
 }
 
 func (s *netmapState) current() *snapshot { return s.snap.Load() }
 
-// wait returns a channel closed at the next change after snap.
-func (s *netmapState) wait(snap *snapshot) <-chan struct{} {
+// apply publishes a snapshot in which the node with id is replaced by p (p
+// == nil removes it), then wakes every waiter. SSH-only nodes (role ssh)
+// go to the SSH-only index, never among the WireGuard peers. Concurrent
+// calls are published together; each returns once its change is in the
+// current snapshot.
+func (s *netmapState) apply(id string, p *wire.Peer) {
+	pc := &pendingChange{id: id, p: p, done: make(chan struct{})}
+	s.qmu.Lock()
+	s.queue = append(s.queue, pc)
+	s.qmu.Unlock()
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.snap.Load() != snap {
-		c := make(chan struct{})
-		close(c)
-		return c
+	select {
+	case <-pc.done: // published with an earlier batch while we waited for mu
+		return
+	default:
 	}
-	return s.changed
+	s.qmu.Lock()
+	batch := s.queue
+	s.queue = nil
+	s.qmu.Unlock()
+	s.publishChanges(batch)
+	for _, c := range batch {
+		close(c.done)
+	}
 }
 
-// apply publishes a new snapshot in which the node with id is replaced by
-// p (p == nil removes it), then wakes every waiter. SSH-only nodes (role
-// ssh) go to the SSH-only index, never among the WireGuard peers.
-func (s *netmapState) apply(id string, p *wire.Peer) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
+// publishChanges publishes a snapshot with batch applied in order. The
+// caller holds s.mu.
+func (s *netmapState) publishChanges(batch []*pendingChange) {
 	old := s.snap.Load()
-	byID, sshByID := maps.Clone(old.byID), maps.Clone(old.sshByID)
-	if sshByID == nil {
-		sshByID = map[string]*wire.Peer{}
+	byID, bn, sshByID := maps.Clone(old.byID), maps.Clone(old.byName), maps.Clone(old.sshByID)
+	first := map[string]int{} // id -> index in changes
+	var changes []change
+	for _, pc := range batch {
+		var next *peerRec
+		if pc.p != nil {
+			next = newPeerRec(pc.p)
+		}
+		prev := byID[pc.id]
+		if prev == nil {
+			prev = sshByID[pc.id]
+		}
+		if i, ok := first[pc.id]; ok {
+			changes[i].new = next
+		} else {
+			first[pc.id] = len(changes)
+			changes = append(changes, change{id: pc.id, old: prev, new: next})
+		}
+		delete(byID, pc.id)
+		delete(sshByID, pc.id)
+		if prev != nil && bn[prev.Name] == prev {
+			delete(bn, prev.Name)
+		}
+		switch {
+		case next == nil:
+		case next.Role == wire.RoleSSH:
+			sshByID[pc.id] = next
+			bn[next.Name] = next
+		default:
+			byID[pc.id] = next
+			bn[next.Name] = next
+		}
 	}
-	delete(byID, id)
-	delete(sshByID, id)
-	switch {
-	case p == nil:
-	case p.Role == wire.RoleSSH:
-		sshByID[id] = p
-	default:
-		byID[id] = p
+	snap := &snapshot{version: old.version + 1, byID: byID, byName: bn, sshByID: sshByID,
+		accessRevoked: old.accessRevoked}
+	// The sorted lists: drop the changed nodes, merge their new entries in.
+	var added, sshAdded []*peerRec
+	for _, c := range changes {
+		switch {
+		case c.new == nil:
+		case c.new.Role == wire.RoleSSH:
+			sshAdded = append(sshAdded, c.new)
+		default:
+			added = append(added, c.new)
+		}
 	}
-	s.publish(newSnapshot(old.version+1, byID, sshByID, old.accessRevoked))
+	snap.sorted = mergeSorted(old.sorted, first, added)
+	snap.sshSorted = mergeSorted(old.sshSorted, first, sshAdded)
+	snap.proxies = proxiesOf(snap.sorted)
+	s.publish(old, snap, &diff{changes: changes})
+}
+
+// mergeSorted returns the entries of sorted whose ids are not in drop,
+// with added merged in, by name.
+func mergeSorted(sorted []*peerRec, drop map[string]int, added []*peerRec) []*peerRec {
+	slices.SortFunc(added, byName)
+	out := make([]*peerRec, 0, len(sorted)+len(added))
+	i := 0
+	for _, p := range sorted {
+		if _, gone := drop[p.ID]; gone {
+			continue
+		}
+		for i < len(added) && byName(added[i], p) < 0 {
+			out = append(out, added[i])
+			i++
+		}
+		out = append(out, p)
+	}
+	return append(out, added[i:]...)
 }
 
 // setAccessRevoked publishes a new snapshot with the same nodes and l as
@@ -167,34 +291,139 @@ func (s *netmapState) setAccessRevoked(l []revokedAccess) {
 	next := *old
 	next.version++
 	next.accessRevoked = l
-	s.publish(&next)
+	s.publish(old, &next, &diff{access: true})
 }
 
-// publish stores snap as the current snapshot and wakes every waiter.
-// The caller holds s.mu.
-func (s *netmapState) publish(snap *snapshot) {
+// publish makes snap (whose version is old's + 1, made by d) the current
+// snapshot and wakes every waiter. The caller holds s.mu.
+func (s *netmapState) publish(old, snap *snapshot, d *diff) {
+	// Keep the ring bounded: drop the oldest diffs past either bound.
+	diffs := old.diffs
+	total := len(d.changes)
+	keep := 0
+	for i := len(diffs) - 1; i >= 0 && keep < maxDiffs-1; i-- {
+		if total+len(diffs[i].changes) > maxDiffChanges {
+			break
+		}
+		total += len(diffs[i].changes)
+		keep++
+	}
+	snap.diffs = append(slices.Clip(diffs[len(diffs)-keep:]), d)
+	snap.next = make(chan struct{})
 	s.snap.Store(snap)
-	close(s.changed)
-	s.changed = make(chan struct{})
+	close(old.next)
 }
 
-// netmapFor renders the netmap node id sees, or false if the node is not
-// active in snap. In the mesh topology every active member sees every
-// other; in the hub topology a node sees only the proxies (a netmap whose
-// size does not grow with the fleet), while proxies still see everyone.
-func (snap *snapshot) netmapFor(id string, o *Options, ipv6Pool netip.Prefix) (wire.Netmap, bool) {
-	self, ok := snap.byID[id]
-	if !ok {
-		return wire.Netmap{}, false
+// visibleTo reports whether node self sees p as a WireGuard peer: in the
+// mesh topology every active member sees every other; in the hub topology
+// a node sees only the proxies (a netmap whose size does not grow with the
+// fleet), while proxies still see everyone.
+func visibleTo(self, p *peerRec, hub bool) bool {
+	if p == nil || p.ID == self.ID || p.Role == wire.RoleSSH {
+		return false
 	}
-	visible := snap.sorted
-	if o.Topology == TopologyHub && self.Role != wire.RoleProxy {
-		visible = snap.proxies
+	return !hub || self.Role == wire.RoleProxy || p.Role == wire.RoleProxy
+}
+
+// netmapPlan is what a long-poll answers.
+type netmapPlan struct {
+	wait    bool // nothing the node sees has changed: keep waiting
+	full    bool
+	upserts []*peerRec // delta: peers added or changed, by name
+	removed []string   // delta: ids of peers gone
+}
+
+// planFor decides what node self (active in snap) gets for a long-poll
+// that has version since: nothing yet (no change it can see; the version
+// it has stays valid), a delta (if it asked for deltas and the ring
+// reaches back to since), or a full netmap. Versions after since up to
+// checked were already found to change nothing it sees.
+func (snap *snapshot) planFor(self *peerRec, since, checked uint64, hub, wantDelta bool) netmapPlan {
+	oldest := snap.version - uint64(len(snap.diffs)) // the version the ring starts from
+	if since >= snap.version || since < oldest {
+		return netmapPlan{full: true} // unknown to the ring: from before a restart, too old, or bogus
 	}
-	nm := wire.Netmap{
+	isProxy := self.Role == wire.RoleProxy
+	relevant := false
+	for v := max(checked, since) + 1; v <= snap.version && !relevant; v++ {
+		d := snap.diffs[v-oldest-1]
+		relevant = d.access && isProxy
+		for _, c := range d.changes {
+			if relevant {
+				break
+			}
+			relevant = c.id == self.ID || visibleTo(self, c.old, hub) || visibleTo(self, c.new, hub) ||
+				(isProxy && (c.old != nil && c.old.Role == wire.RoleSSH || c.new != nil && c.new.Role == wire.RoleSSH))
+		}
+	}
+	if !relevant {
+		return netmapPlan{wait: true}
+	}
+	if !wantDelta {
+		return netmapPlan{full: true}
+	}
+	// Compose the diffs since the node's version: each touched node's
+	// entry then (the first diff's old) against now.
+	then := map[string]*peerRec{}
+	var order []string
+	for _, d := range snap.diffs[since-oldest:] {
+		for _, c := range d.changes {
+			if c.id == self.ID && (c.old == nil || c.new == nil || c.old.Role != c.new.Role) {
+				return netmapPlan{full: true} // its own role changed: what it sees changed wholesale
+			}
+			if _, seen := then[c.id]; !seen {
+				then[c.id] = c.old
+				order = append(order, c.id)
+			}
+		}
+	}
+	var p netmapPlan
+	for _, id := range order {
+		now := snap.byID[id]
+		switch {
+		case visibleTo(self, now, hub):
+			if now != then[id] {
+				p.upserts = append(p.upserts, now)
+			}
+		case visibleTo(self, then[id], hub):
+			p.removed = append(p.removed, id)
+		}
+	}
+	visible := len(snap.sorted)
+	if hub && !isProxy {
+		visible = len(snap.proxies)
+	}
+	if n := len(p.upserts) + len(p.removed); n > 64 && n > visible/2 {
+		return netmapPlan{full: true} // as big as the netmap itself
+	}
+	slices.SortFunc(p.upserts, byName)
+	return p
+}
+
+// netmapHead is wire.Netmap without Peers: every field a netmap and a
+// delta carry in full. writeNetmap appends the peers, pre-encoded.
+// TestNetmapHeadMirrorsWire keeps it in step with wire.Netmap.
+type netmapHead struct {
+	Version       uint64      `json:"version"`
+	Delta         bool        `json:"delta,omitempty"`
+	Base          uint64      `json:"base,omitempty"`
+	Removed       []string    `json:"removed,omitempty"`
+	Self          wire.Peer   `json:"self"`
+	ProxyEndpoint string      `json:"proxy_endpoint,omitempty"`
+	Domain        string      `json:"domain,omitempty"`
+	SSHOnly       []wire.Peer `json:"ssh_only,omitempty"`
+	ProxySSH      string      `json:"proxy_ssh,omitempty"`
+	AccessRevoked []string    `json:"access_revoked,omitempty"`
+	Topology      string      `json:"topology,omitempty"`
+	IPv4Pool      string      `json:"ipv4_pool"`
+	IPv6Pool      string      `json:"ipv6_pool"`
+}
+
+// headFor renders the fields of self's netmap other than the peers.
+func (snap *snapshot) headFor(self *peerRec, o *Options, ipv6Pool netip.Prefix) netmapHead {
+	h := netmapHead{
 		Version:       snap.version,
-		Self:          *self,
-		Peers:         make([]wire.Peer, 0, len(visible)),
+		Self:          self.Peer,
 		ProxyEndpoint: o.WGEndpoint,
 		Domain:        o.Domain,
 		ProxySSH:      o.SSHEndpoint,
@@ -202,26 +431,107 @@ func (snap *snapshot) netmapFor(id string, o *Options, ipv6Pool netip.Prefix) (w
 		IPv4Pool:      o.IPv4Pool.String(),
 		IPv6Pool:      ipv6Pool.String(),
 	}
-	for _, p := range visible {
-		if p.ID != id {
-			nm.Peers = append(nm.Peers, *p)
-		}
-	}
 	if self.Role == wire.RoleProxy && len(snap.sshSorted) > 0 {
-		nm.SSHOnly = make([]wire.Peer, 0, len(snap.sshSorted))
+		h.SSHOnly = make([]wire.Peer, 0, len(snap.sshSorted))
 		for _, p := range snap.sshSorted {
-			nm.SSHOnly = append(nm.SSHOnly, *p)
+			h.SSHOnly = append(h.SSHOnly, p.Peer)
 		}
 	}
 	if self.Role == wire.RoleProxy && len(snap.accessRevoked) > 0 {
 		now := o.Now()
 		for _, r := range snap.accessRevoked {
 			if now.Before(r.expires) {
-				nm.AccessRevoked = append(nm.AccessRevoked, r.id)
+				h.AccessRevoked = append(h.AccessRevoked, r.id)
 			}
 		}
 	}
-	return nm, true
+	return h
+}
+
+// visibleFor lists the peers self sees (itself still included: writers
+// skip it).
+func (snap *snapshot) visibleFor(self *peerRec, hub bool) []*peerRec {
+	if hub && self.Role != wire.RoleProxy {
+		return snap.proxies
+	}
+	return snap.sorted
+}
+
+// netmapJSON is one netmap or delta, ready to write: its head encoded, and
+// the pre-encoded peers that follow it.
+type netmapJSON struct {
+	head  []byte // encoded netmapHead, without its closing brace
+	peers []*peerRec
+	skip  string // the id of a peer to leave out (the node itself)
+	size  int
+}
+
+// render prepares self's netmap: a delta if plan has one, else full.
+func (snap *snapshot) render(self *peerRec, since uint64, plan netmapPlan, o *Options, ipv6Pool netip.Prefix) *netmapJSON {
+	h := snap.headFor(self, o, ipv6Pool)
+	peers := snap.visibleFor(self, o.Topology == TopologyHub)
+	if !plan.full {
+		h.Delta, h.Base, h.Removed, peers = true, since, plan.removed, plan.upserts
+	}
+	b, err := json.Marshal(&h)
+	if err != nil {
+		panic("coordinator: encode netmap: " + err.Error())
+	}
+	nj := &netmapJSON{head: b[:len(b)-1], peers: peers, skip: self.ID}
+	nj.size = len(nj.head) + len(`,"peers":[]}`)
+	n := 0
+	for _, p := range peers {
+		if p.ID != nj.skip {
+			nj.size += len(p.enc)
+			n++
+		}
+	}
+	nj.size += max(0, n-1) // commas
+	return nj
+}
+
+// bufPool holds the writers netmaps are streamed through, so that a full
+// netmap of thousands of peers goes out in large TLS records without ever
+// being assembled in memory.
+var bufPool = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, 32<<10) }}
+
+// writeTo writes the netmap as JSON to w.
+func (nj *netmapJSON) writeTo(w io.Writer) error {
+	bw := bufPool.Get().(*bufio.Writer)
+	bw.Reset(w)
+	defer func() {
+		bw.Reset(nil)
+		bufPool.Put(bw)
+	}()
+	bw.Write(nj.head)
+	bw.WriteString(`,"peers":[`)
+	sep := false
+	for _, p := range nj.peers {
+		if p.ID == nj.skip {
+			continue
+		}
+		if sep {
+			bw.WriteByte(',')
+		}
+		bw.Write(p.enc)
+		sep = true
+	}
+	bw.WriteString(`]}`)
+	return bw.Flush()
+}
+
+// writeNetmapResponse answers a netmap request with nj.
+func writeNetmapResponse(w http.ResponseWriter, nj *netmapJSON) error {
+	h := w.Header()
+	h["Content-Type"] = []string{"application/json"}
+	h["Cache-Control"] = []string{"no-store"}
+	h["Content-Length"] = []string{strconv.Itoa(nj.size + 1)}
+	w.WriteHeader(200)
+	if err := nj.writeTo(w); err != nil {
+		return err
+	}
+	_, err := w.Write([]byte{'\n'})
+	return err
 }
 
 // revokedAccessOf picks the keys that were revoked before they expired and

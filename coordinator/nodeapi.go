@@ -36,77 +36,98 @@ func (s *Server) nodeAuth(h func(w http.ResponseWriter, r *http.Request, nodeID 
 
 func (s *Server) nodeAuthGrace(h func(w http.ResponseWriter, r *http.Request, nodeID string) error, graceful bool) http.Handler {
 	return s.handle(func(w http.ResponseWriter, r *http.Request) error {
-		if r.TLS == nil || len(r.TLS.PeerCertificates) == 0 {
-			return errf(http.StatusUnauthorized, wire.CodeUnauthorized, "this endpoint needs the node's client certificate: enroll first (meshctl enroll)")
+		// Authentication is a function of its own so that its locals are
+		// not part of the frame that stays on the stack while h runs: a
+		// long-poll waits in h, one per node, and a small stack while it
+		// waits lets the runtime shrink it.
+		id, err := s.authNode(r, graceful)
+		if err != nil {
+			return err
 		}
-		leaf := r.TLS.PeerCertificates[0]
-		roots := x509.NewCertPool()
-		roots.AddCert(s.ca.Cert)
-		now := s.opts.Now()
-		at := now
-		if graceful && now.After(leaf.NotAfter) && now.Before(leaf.NotAfter.Add(s.opts.RenewGrace)) {
-			at = leaf.NotAfter // verify the chain as of the last valid instant
-		}
-		if _, err := leaf.Verify(x509.VerifyOptions{
-			Roots:       roots,
-			CurrentTime: at,
-			KeyUsages:   []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
-		}); err != nil {
-			var inv x509.CertificateInvalidError
-			if errors.As(err, &inv) && inv.Reason == x509.Expired {
-				msg := fmt.Sprintf("the node certificate expired at %s; the agent renews it automatically within %s of expiry",
-					leaf.NotAfter.UTC().Format(time.RFC3339), s.opts.RenewGrace)
-				if now.After(leaf.NotAfter.Add(s.opts.RenewGrace)) {
-					msg = fmt.Sprintf("the node certificate expired at %s, longer ago than the %s renewal grace; re-enroll this device with a new token (meshctl enroll --force …)",
-						leaf.NotAfter.UTC().Format(time.RFC3339), s.opts.RenewGrace)
-				}
-				return &apiError{status: http.StatusForbidden, code: wire.CodeCertExpired, cause: err, msg: msg}
-			}
-			return &apiError{status: http.StatusForbidden, code: wire.CodeForbidden, cause: err,
-				msg: "the client certificate was not issued by this coordinator for a node"}
-		}
-		id := leaf.Subject.CommonName
-		if _, ok := s.state.current().byID[id]; !ok {
-			n, err := s.opts.Store.GetNode(r.Context(), id)
-			switch {
-			case err == nil && n.Revoked():
-				return errf(http.StatusForbidden, wire.CodeRevoked,
-					"node %s was revoked at %s; it can no longer use this coordinator (re-enroll with a new token if that was a mistake)",
-					n.Name, n.RevokedAt.UTC().Format(time.RFC3339))
-			case err == nil || errors.Is(err, store.ErrNotFound):
-				return errf(http.StatusForbidden, wire.CodeForbidden, "this node is not enrolled with this coordinator")
-			default:
-				return err
-			}
-		}
-		s.seen.touch(id)
 		return h(w, r, id)
 	})
 }
 
+// authNode returns the id of the node whose client certificate r carries
+// (see nodeAuth).
+func (s *Server) authNode(r *http.Request, graceful bool) (string, error) {
+	if r.TLS == nil || len(r.TLS.PeerCertificates) == 0 {
+		return "", errf(http.StatusUnauthorized, wire.CodeUnauthorized, "this endpoint needs the node's client certificate: enroll first (meshctl enroll)")
+	}
+	leaf := r.TLS.PeerCertificates[0]
+	now := s.opts.Now()
+	at := now
+	if graceful && now.After(leaf.NotAfter) && now.Before(leaf.NotAfter.Add(s.opts.RenewGrace)) {
+		at = leaf.NotAfter // verify the chain as of the last valid instant
+	}
+	if err := s.verified.verify(leaf, s.ca.Cert, at); err != nil {
+		var inv x509.CertificateInvalidError
+		if errors.As(err, &inv) && inv.Reason == x509.Expired {
+			msg := fmt.Sprintf("the node certificate expired at %s; the agent renews it automatically within %s of expiry",
+				leaf.NotAfter.UTC().Format(time.RFC3339), s.opts.RenewGrace)
+			if now.After(leaf.NotAfter.Add(s.opts.RenewGrace)) {
+				msg = fmt.Sprintf("the node certificate expired at %s, longer ago than the %s renewal grace; re-enroll this device with a new token (meshctl enroll --force …)",
+					leaf.NotAfter.UTC().Format(time.RFC3339), s.opts.RenewGrace)
+			}
+			return "", &apiError{status: http.StatusForbidden, code: wire.CodeCertExpired, cause: err, msg: msg}
+		}
+		return "", &apiError{status: http.StatusForbidden, code: wire.CodeForbidden, cause: err,
+			msg: "the client certificate was not issued by this coordinator for a node"}
+	}
+	id := leaf.Subject.CommonName
+	if _, ok := s.state.current().byID[id]; !ok {
+		n, err := s.opts.Store.GetNode(r.Context(), id)
+		switch {
+		case err == nil && n.Revoked():
+			return "", errf(http.StatusForbidden, wire.CodeRevoked,
+				"node %s was revoked at %s; it can no longer use this coordinator (re-enroll with a new token if that was a mistake)",
+				n.Name, n.RevokedAt.UTC().Format(time.RFC3339))
+		case err == nil || errors.Is(err, store.ErrNotFound):
+			return "", errf(http.StatusForbidden, wire.CodeForbidden, "this node is not enrolled with this coordinator")
+		default:
+			return "", err
+		}
+	}
+	s.seen.touch(id)
+	return id, nil
+}
+
 // handleNetmap is the long-poll: it answers at once when the caller's
-// version (?since=N) differs from the current one, else waits for a change
-// up to LongPoll plus jitter and answers 304 Not Modified.
+// version (?since=N) is one it cannot account for (0, from before a
+// restart, or older than the ring of recent changes), and when a change
+// since then concerns the caller (its own entry, a peer it sees, and for
+// proxies the SSH-only nodes and revoked access keys); else it waits for
+// such a change up to LongPoll plus jitter and answers 304 Not Modified.
+// Changes that concern the caller not at all (in the hub topology, other
+// nodes) do not wake it: its version stays valid. With delta=1 it answers
+// a delta against since when the ring reaches back to it (see wire.Netmap).
 func (s *Server) handleNetmap(w http.ResponseWriter, r *http.Request, id string) error {
+	q := r.URL.Query()
 	var since uint64
-	if v := r.URL.Query().Get("since"); v != "" {
+	if v := q.Get("since"); v != "" {
 		var err error
 		if since, err = strconv.ParseUint(v, 10, 64); err != nil {
 			return errf(http.StatusBadRequest, wire.CodeBadRequest, "since must be a netmap version number")
 		}
 	}
+	wantDelta := q.Get(wire.NetmapDeltaParam) == "1"
+	hub := s.opts.Topology == TopologyHub
 	done := s.seen.polling(id)
 	defer done()
+	checked := since // versions up to here change nothing the caller sees
 	var timer *time.Timer
 	for {
 		snap := s.state.current()
-		if snap.version != since {
-			nm, ok := snap.netmapFor(id, &s.opts, s.ipv6)
-			if !ok {
-				return s.refuseGone(r.Context(), id)
+		self, ok := snap.byID[id]
+		if !ok {
+			return s.refuseGone(r.Context(), id)
+		}
+		if snap.version != checked {
+			plan := snap.planFor(self, since, checked, hub, wantDelta)
+			if !plan.wait {
+				return writeNetmapResponse(w, snap.render(self, since, plan, &s.opts, s.ipv6))
 			}
-			writeJSON(w, http.StatusOK, nm)
-			return nil
+			checked = snap.version
 		}
 		if timer == nil {
 			jitter := time.Duration(rand.Int64N(int64(s.opts.LongPoll/10) + 1))
@@ -114,7 +135,7 @@ func (s *Server) handleNetmap(w http.ResponseWriter, r *http.Request, id string)
 			defer timer.Stop()
 		}
 		select {
-		case <-s.state.wait(snap):
+		case <-snap.next:
 		case <-timer.C:
 			w.WriteHeader(http.StatusNotModified)
 			return nil
@@ -171,7 +192,7 @@ func (s *Server) handleUpdate(w http.ResponseWriter, r *http.Request, id string)
 		return err
 	}
 	p := peerOf(&node)
-	if old == nil || !peersEqual(old, p) {
+	if old == nil || !peersEqual(&old.Peer, p) {
 		s.state.apply(id, p)
 	}
 	writeJSON(w, http.StatusOK, s.wireNode(&node))

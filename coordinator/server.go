@@ -121,6 +121,8 @@ type Server struct {
 	state   *netmapState
 	limiter *ratelimit.FailLimiter
 	seen    *seenTracker
+	// verified caches node certificates already verified (nodeAuth).
+	verified certCache
 
 	lock      *os.File // flock on the data dir
 	ownsStore bool

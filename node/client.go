@@ -1,11 +1,13 @@
 package node
 
 import (
+	"cmp"
 	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
 	"net/http"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -26,6 +28,11 @@ type Client struct {
 
 	mu    sync.Mutex
 	state *State
+
+	// nmMu guards netmap: a private copy of the last netmap Netmap
+	// returned, which netmap deltas are applied to.
+	nmMu   sync.Mutex
+	netmap *wire.Netmap
 }
 
 // NewClient returns a control client for the identity in dir.
@@ -35,6 +42,9 @@ func NewClient(dir string) (*Client, error) {
 		return nil, err
 	}
 	c := &Client{dir: dir, state: st}
+	if nm, err := LoadNetmap(dir); err == nil && nm.Self.ID == st.NodeID {
+		c.netmap = nm // the agent long-polls from this version first
+	}
 	tlsConf := pki.CATLSConfig(st.CACert())
 	tlsConf.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
 		c.mu.Lock()
@@ -84,11 +94,52 @@ func (c *Client) call(ctx context.Context, method, path string, in, out any) err
 }
 
 // Netmap fetches the netmap. With since != 0 it long-polls: it returns when
-// the coordinator's version differs from since, or (nil, nil) when the
-// coordinator's wait ran out with no change.
+// the coordinator has a newer netmap for this node than version since, or
+// (nil, nil) when the coordinator's wait ran out with no change.
+//
+// It always returns a full netmap. When since is the version of the netmap
+// it returned last, it asks for a delta against it and applies it (see
+// wire.Netmap); a delta it cannot apply (made against another version, or
+// inconsistent) is dropped, the netmap it had is kept, and it fetches a
+// full netmap instead.
 func (c *Client) Netmap(ctx context.Context, since uint64) (*wire.Netmap, error) {
+	c.nmMu.Lock()
+	base := c.netmap
+	c.nmMu.Unlock()
+	useDelta := since != 0 && base != nil && base.Version == since
+	nm, err := c.fetchNetmap(ctx, since, useDelta)
+	if err != nil || nm == nil {
+		return nil, err
+	}
+	if nm.Delta {
+		merged, err := applyDelta(base, nm)
+		if err != nil {
+			// since=0 is never current: the coordinator answers at once.
+			if nm, err = c.fetchNetmap(ctx, 0, false); err != nil {
+				return nil, err
+			}
+			if nm == nil || nm.Delta {
+				return nil, errors.New("coordinator answered a request for a full netmap with no netmap or a delta")
+			}
+		} else {
+			nm = merged
+		}
+	}
+	cp := *nm
+	cp.Peers = slices.Clone(nm.Peers)
+	c.nmMu.Lock()
+	c.netmap = &cp
+	c.nmMu.Unlock()
+	return nm, nil
+}
+
+func (c *Client) fetchNetmap(ctx context.Context, since uint64, delta bool) (*wire.Netmap, error) {
+	path := wire.PathNetmap + "?since=" + strconv.FormatUint(since, 10)
+	if delta {
+		path += "&" + wire.NetmapDeltaParam + "=1"
+	}
 	var nm wire.Netmap
-	err := c.call(ctx, http.MethodGet, wire.PathNetmap+"?since="+strconv.FormatUint(since, 10), nil, &nm)
+	err := c.call(ctx, http.MethodGet, path, nil, &nm)
 	if errors.Is(err, wire.ErrNotModified) {
 		return nil, nil
 	}
@@ -96,6 +147,51 @@ func (c *Client) Netmap(ctx context.Context, since uint64) (*wire.Netmap, error)
 		return nil, err
 	}
 	return &nm, nil
+}
+
+// applyDelta returns the full netmap that delta d makes of base, which is
+// not modified. It refuses a delta made against another version than
+// base's, and one that would leave an inconsistent netmap (a peer without
+// id, the node itself, or two peers with one id or name).
+func applyDelta(base, d *wire.Netmap) (*wire.Netmap, error) {
+	switch {
+	case base == nil:
+		return nil, errors.New("netmap delta: no netmap to apply it to")
+	case d.Base != base.Version:
+		return nil, fmt.Errorf("netmap delta from version %d, but this node has version %d", d.Base, base.Version)
+	case d.Version == d.Base:
+		return nil, fmt.Errorf("netmap delta from version %d to itself", d.Base)
+	case d.Self.ID != base.Self.ID:
+		return nil, fmt.Errorf("netmap delta for node %q, but this is node %q", d.Self.ID, base.Self.ID)
+	}
+	changed := make(map[string]bool, len(d.Removed)+len(d.Peers))
+	for _, id := range d.Removed {
+		changed[id] = true
+	}
+	for _, p := range d.Peers {
+		if p.ID == "" || p.ID == d.Self.ID || changed[p.ID] {
+			return nil, fmt.Errorf("netmap delta: peer %q (%q) is itself, removed, listed twice or has no id", p.ID, p.Name)
+		}
+		changed[p.ID] = true
+	}
+	out := *d
+	out.Delta, out.Base, out.Removed = false, 0, nil
+	out.Peers = make([]wire.Peer, 0, len(base.Peers)+len(d.Peers))
+	for _, p := range base.Peers {
+		if !changed[p.ID] {
+			out.Peers = append(out.Peers, p)
+		}
+	}
+	out.Peers = append(out.Peers, d.Peers...)
+	slices.SortStableFunc(out.Peers, func(a, b wire.Peer) int { return cmp.Compare(a.Name, b.Name) })
+	ids := make(map[string]bool, len(out.Peers))
+	for i, p := range out.Peers {
+		if p.ID == d.Self.ID || ids[p.ID] || (i > 0 && out.Peers[i-1].Name == p.Name) {
+			return nil, fmt.Errorf("netmap delta: applying it lists peer %q (%q) twice or the node itself", p.ID, p.Name)
+		}
+		ids[p.ID] = true
+	}
+	return &out, nil
 }
 
 // Update reports services and/or endpoints.

@@ -176,12 +176,27 @@ type Peer struct {
 	DiscoKey string `json:"disco_key,omitempty"`
 }
 
+// NetmapDeltaParam is the query parameter (value "1") by which a client
+// asks PathNetmap for a delta against the version it passes in "since".
+const NetmapDeltaParam = "delta"
+
 // Netmap is what a node needs to configure its data plane. Version grows
 // with every change the coordinator makes.
+//
+// A netmap with Delta set is a delta (sent only to clients that asked for
+// one with NetmapDeltaParam): it turns the netmap of version Base into the
+// netmap of version Version. Peers then holds only the peers added or
+// changed since Base, and Removed the ids of the peers gone since; every
+// other field is complete, as in a full netmap. Clients that cannot apply
+// a delta (their netmap is not version Base) fetch a full netmap.
 type Netmap struct {
 	Version uint64 `json:"version"`
-	Self    Peer   `json:"self"`
-	Peers   []Peer `json:"peers"`
+	// Delta, Base and Removed: see above. Never set in a full netmap.
+	Delta   bool     `json:"delta,omitempty"`
+	Base    uint64   `json:"base,omitempty"`
+	Removed []string `json:"removed,omitempty"`
+	Self    Peer     `json:"self"`
+	Peers   []Peer   `json:"peers"`
 	// ProxyEndpoint is the proxy's public WireGuard endpoint (host:port)
 	// that nodes behind NAT keep alive to. Empty when no proxy runs.
 	ProxyEndpoint string `json:"proxy_endpoint,omitempty"`
