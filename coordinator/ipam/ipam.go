@@ -32,6 +32,14 @@ var ula = netip.PrefixFrom(netip.AddrFrom16([16]byte{0xfc}), 7)
 // a /8 with every address taken costs 2^24 calls, which is linear in the
 // pool size and the best possible without knowing more about used.
 func Next(pool netip.Prefix, used func(netip.Addr) bool) (netip.Addr, bool) {
+	return NextFrom(pool, netip.Addr{}, used)
+}
+
+// NextFrom is Next for a caller that knows every usable address of pool
+// below from is used: it returns the lowest unused usable address that is
+// not below from (the zero Addr, or one outside pool, means the start of
+// pool). used is called only for candidates from from on.
+func NextFrom(pool netip.Prefix, from netip.Addr, used func(netip.Addr) bool) (netip.Addr, bool) {
 	if !pool.IsValid() || !pool.Addr().Is4() {
 		return netip.Addr{}, false
 	}
@@ -44,7 +52,11 @@ func Next(pool netip.Prefix, used func(netip.Addr) bool) (netip.Addr, bool) {
 		last = size // no broadcast address in a /31 or /32
 	}
 	// Offset 0 is the network address and never used.
-	for off := uint64(1); off < last; off++ {
+	start := uint64(1)
+	if from.Is4() && pool.Contains(from) {
+		start = max(start, uint64(u32(from)-base))
+	}
+	for off := start; off < last; off++ {
 		a := fromU32(base + uint32(off))
 		if !used(a) {
 			return a, true

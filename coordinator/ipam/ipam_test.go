@@ -264,3 +264,33 @@ func TestNewULA48(t *testing.T) {
 	}()
 	NewULA48(iotest.ErrReader(errors.New("boom")))
 }
+
+func TestNextFrom(t *testing.T) {
+	pool := netip.MustParsePrefix("10.0.0.0/29") // .1 to .6 usable
+	used := map[netip.Addr]bool{netip.MustParseAddr("10.0.0.4"): true}
+	var asked []netip.Addr
+	isUsed := func(a netip.Addr) bool { asked = append(asked, a); return used[a] }
+	for _, tt := range []struct{ from, want string }{
+		{"", "10.0.0.1"},          // zero Addr: the start
+		{"10.0.0.0", "10.0.0.1"},  // the network address is never handed out
+		{"10.0.0.3", "10.0.0.3"},  // from itself if free
+		{"10.0.0.4", "10.0.0.5"},  // skips the used one
+		{"192.0.2.9", "10.0.0.1"}, // outside the pool: the start
+		{"10.0.0.7", ""},          // the broadcast address: none left
+	} {
+		asked = nil
+		var from netip.Addr
+		if tt.from != "" {
+			from = netip.MustParseAddr(tt.from)
+		}
+		got, ok := NextFrom(pool, from, isUsed)
+		if (tt.want == "" && ok) || (tt.want != "" && (!ok || got != netip.MustParseAddr(tt.want))) {
+			t.Errorf("NextFrom(%s) = %v, %t; want %q", tt.from, got, ok, tt.want)
+		}
+		for _, a := range asked {
+			if from.Is4() && pool.Contains(from) && a.Less(from) {
+				t.Errorf("NextFrom(%s) asked about %v, below from", tt.from, a)
+			}
+		}
+	}
+}

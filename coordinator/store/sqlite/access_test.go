@@ -20,6 +20,7 @@ func TestUpgradeFrom0001(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, q := range []string{
+		`DROP INDEX nodes_quarantined`,
 		`ALTER TABLE nodes DROP COLUMN disco_key`,
 		`DROP TABLE ssh_nodes`,
 		`DROP TABLE service_visibility`,

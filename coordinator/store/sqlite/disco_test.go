@@ -33,7 +33,7 @@ func TestUpgradeFrom0003(t *testing.T) {
 	if _, err := s.UpdateNode(ctx, n.ID, store.NodeUpdate{Endpoints: &eps}); err != nil {
 		t.Fatal(err)
 	}
-	for _, q := range []string{`ALTER TABLE nodes DROP COLUMN disco_key`, `DELETE FROM schema_migrations WHERE version >= 4`} {
+	for _, q := range []string{`DROP INDEX nodes_quarantined`, `ALTER TABLE nodes DROP COLUMN disco_key`, `DELETE FROM schema_migrations WHERE version >= 4`} {
 		if _, err := s.writer.ExecContext(ctx, q); err != nil {
 			t.Fatalf("%s: %v", q, err)
 		}

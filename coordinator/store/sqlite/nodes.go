@@ -14,24 +14,6 @@ import (
 	"github.com/meshctl/meshctl/coordinator/store"
 )
 
-// Enroll verifies and consumes the token, checks name and key, allocates
-// addresses and inserts the node and its audit row, all in one transaction.
-func (s *Store) Enroll(ctx context.Context, p store.EnrollParams) (store.Node, error) {
-	if err := checkEnroll(p); err != nil {
-		return store.Node{}, fmt.Errorf("enroll %q: %w", p.Name, err)
-	}
-	var n store.Node
-	err := s.write(ctx, func(tx *sql.Tx) error {
-		var err error
-		n, err = s.enroll(ctx, tx, p)
-		return err
-	})
-	if err != nil {
-		return store.Node{}, fmt.Errorf("enroll %q: %w", p.Name, err)
-	}
-	return n, nil
-}
-
 func checkEnroll(p store.EnrollParams) error {
 	switch {
 	case p.NodeID == "":
@@ -53,7 +35,9 @@ func checkEnroll(p store.EnrollParams) error {
 	return checkTime("time", p.Now)
 }
 
-func (s *Store) enroll(ctx context.Context, tx *sql.Tx, p store.EnrollParams) (store.Node, error) {
+// enroll runs one enrollment inside tx (see store.EnrollParams), taking
+// addresses from ix. On error the caller rolls back what it did.
+func (s *Store) enroll(ctx context.Context, tx *sql.Tx, p store.EnrollParams, ix *addrIndex) (store.Node, error) {
 	var none store.Node
 	now := p.Now.UnixNano()
 
@@ -102,15 +86,12 @@ func (s *Store) enroll(ctx context.Context, tx *sql.Tx, p store.EnrollParams) (s
 	}
 
 	// Addresses. Revoked nodes keep theirs until the quarantine has passed.
-	res, err = tx.ExecContext(ctx, `UPDATE nodes SET ip_released = 1
-		WHERE revoked_at IS NOT NULL AND revoked_at <= ? AND ip_released = 0`, p.Now.Add(-p.Quarantine).UnixNano())
-	if err != nil {
-		return none, fmt.Errorf("release quarantined addresses: %w", err)
-	}
-	if k, _ := res.RowsAffected(); k > 0 {
+	if k, err := releaseQuarantined(ctx, tx, ix, p.Now.Add(-p.Quarantine)); err != nil {
+		return none, err
+	} else if k > 0 {
 		s.log.Info("released addresses of revoked nodes after quarantine", "nodes", k)
 	}
-	v4, v6, err := allocate(ctx, tx, p.IPv4Pool, p.IPv6Pool)
+	v4, v6, err := ix.allocate()
 	if err != nil {
 		return none, err
 	}
@@ -132,48 +113,36 @@ func (s *Store) enroll(ctx context.Context, tx *sql.Tx, p store.EnrollParams) (s
 	return getNode(ctx, tx, p.NodeID)
 }
 
-// allocate returns the lowest free IPv4 address of pool4 and its IPv6
-// counterpart. Addresses held by active nodes and by revoked nodes still in
-// quarantine (ip_released = 0) are taken, in either family.
-func allocate(ctx context.Context, tx *sql.Tx, pool4, pool6 netip.Prefix) (netip.Addr, netip.Addr, error) {
-	var none netip.Addr
-	rows, err := tx.QueryContext(ctx, `SELECT ipv4, ipv6 FROM nodes WHERE ip_released = 0`)
+// releaseQuarantined frees the addresses of the nodes revoked at or before
+// cutoff, in the table and in ix, and returns how many nodes it released.
+func releaseQuarantined(ctx context.Context, tx *sql.Tx, ix *addrIndex, cutoff time.Time) (int, error) {
+	rows, err := tx.QueryContext(ctx, `UPDATE nodes SET ip_released = 1
+		WHERE revoked_at IS NOT NULL AND revoked_at <= ? AND ip_released = 0
+		RETURNING ipv4, ipv6`, cutoff.UnixNano())
 	if err != nil {
-		return none, none, fmt.Errorf("load addresses: %w", err)
+		return 0, fmt.Errorf("release quarantined addresses: %w", err)
 	}
 	defer rows.Close()
-	used := map[netip.Addr]bool{}
+	var released []netip.Addr
 	for rows.Next() {
 		var a4, a6 string
 		if err := rows.Scan(&a4, &a6); err != nil {
-			return none, none, fmt.Errorf("load addresses: %w", err)
+			return 0, fmt.Errorf("release quarantined addresses: %w", err)
 		}
-		for _, s := range []string{a4, a6} {
-			a, err := netip.ParseAddr(s)
-			if err != nil {
-				return none, none, fmt.Errorf("load addresses: stored address %q: %w", s, err)
-			}
-			used[a] = true
+		v4, err4 := netip.ParseAddr(a4)
+		v6, err6 := netip.ParseAddr(a6)
+		if err4 != nil || err6 != nil {
+			return 0, fmt.Errorf("release quarantined addresses: stored addresses %q, %q are not addresses", a4, a6)
 		}
+		released = append(released, v4, v6)
 	}
 	if err := rows.Err(); err != nil {
-		return none, none, fmt.Errorf("load addresses: %w", err)
+		return 0, fmt.Errorf("release quarantined addresses: %w", err)
 	}
-	v4, ok := ipam.Next(pool4, func(a netip.Addr) bool {
-		if used[a] {
-			return true
-		}
-		a6, err := ipam.IPv6For(pool6, a)
-		return err != nil || used[a6]
-	})
-	if !ok {
-		return none, none, fmt.Errorf("no free address in %v: %w", pool4, store.ErrPoolExhausted)
+	for i := 0; i < len(released); i += 2 {
+		ix.release(released[i], released[i+1])
 	}
-	v6, err := ipam.IPv6For(pool6, v4)
-	if err != nil {
-		return none, none, err
-	}
-	return v4, v6, nil
+	return len(released) / 2, nil
 }
 
 // insertNodeError maps constraint violations the explicit checks should

@@ -47,6 +47,15 @@ type Store struct {
 	writer *sql.DB // one connection: every write and every transaction that writes
 	reader *sql.DB // pool for plain reads
 
+	// Group commit of enrollments (enroll.go).
+	enrollMu      sync.Mutex
+	enrollQueue   []*enrollReq
+	enrollRunning bool
+	// addrIx indexes the held addresses (addrs.go); addrMu is held for the
+	// whole of every transaction that uses it.
+	addrMu sync.Mutex
+	addrIx *addrIndex
+
 	closeOnce sync.Once
 	closeErr  error
 }

@@ -28,7 +28,7 @@ func TestUpgradeFrom0002(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, q := range []string{`ALTER TABLE nodes DROP COLUMN disco_key`, `DROP TABLE ssh_nodes`, `DELETE FROM schema_migrations WHERE version >= 3`} {
+	for _, q := range []string{`DROP INDEX nodes_quarantined`, `ALTER TABLE nodes DROP COLUMN disco_key`, `DROP TABLE ssh_nodes`, `DELETE FROM schema_migrations WHERE version >= 3`} {
 		if _, err := s.writer.ExecContext(ctx, q); err != nil {
 			t.Fatalf("%s: %v", q, err)
 		}

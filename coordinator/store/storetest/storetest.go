@@ -61,6 +61,9 @@ func Run(t *testing.T, open OpenFunc) {
 		{"IPv6FromIPv4", testIPv6FromIPv4},
 		{"RoleAndTagsFromToken", testRoleAndTags},
 		{"FailedEnrollmentWritesNothing", testFailedEnrollNoAudit},
+		{"ConcurrentMixedEnrollments", testConcurrentMixed},
+		{"CanceledEnrollment", testEnrollCanceled},
+		{"ConcurrentAllocationWithRelease", testConcurrentAllocationWithRelease},
 
 		// Node management, keys, audit, meta.
 		{"RevokeNode", testRevokeNode},
