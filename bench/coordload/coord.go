@@ -245,16 +245,17 @@ func (t *target) memory() (m memStats) {
 }
 
 type memStats struct {
-	Scope        string  `json:"scope"`
-	RSSMiB       float64 `json:"rss_mib"`
-	PeakRSSMiB   float64 `json:"peak_rss_mib"`
-	HeapLiveMiB  float64 `json:"heap_live_mib,omitempty"`  // after the last GC
-	HeapInUseMiB float64 `json:"heap_inuse_mib,omitempty"` // objects + unused slots in spans
-	StacksMiB    float64 `json:"stacks_mib,omitempty"`     // goroutine stacks
-	HeapFreeMiB  float64 `json:"heap_free_mib,omitempty"`  // free heap not yet returned to the OS
-	GoTotalMiB   float64 `json:"go_total_mib,omitempty"`   // everything the Go runtime mapped, less what it released
-	Goroutines   int     `json:"goroutines,omitempty"`
-	FDs          int     `json:"fds,omitempty"`
+	Scope         string  `json:"scope"`
+	RSSMiB        float64 `json:"rss_mib"`                // settled: after GCs, once stable
+	RSSAfterGCMiB float64 `json:"rss_after_first_gc_mib"` // before the runtime returned freed pages
+	PeakRSSMiB    float64 `json:"peak_rss_mib"`
+	HeapLiveMiB   float64 `json:"heap_live_mib,omitempty"`  // after the last GC
+	HeapInUseMiB  float64 `json:"heap_inuse_mib,omitempty"` // objects + unused slots in spans
+	StacksMiB     float64 `json:"stacks_mib,omitempty"`     // goroutine stacks
+	HeapFreeMiB   float64 `json:"heap_free_mib,omitempty"`  // free heap not yet returned to the OS
+	GoTotalMiB    float64 `json:"go_total_mib,omitempty"`   // everything the Go runtime mapped, less what it released
+	Goroutines    int     `json:"goroutines,omitempty"`
+	FDs           int     `json:"fds,omitempty"`
 }
 
 func selfMem() memStats {

@@ -344,6 +344,9 @@ func runTopology(ctx context.Context, cfg *config, topo string) (*topoResult, er
 	defer t.close()
 	res := &topoResult{Topology: topo, Mode: t.mode, Nodes: cfg.n, Proxies: cfg.proxies}
 	logf("%s: coordinator %s at %s", topo, t.mode, t.url)
+	if t.debug != "" {
+		logf("%s: coordinator's pprof at %s/debug/pprof/ (stats at %s/stats)", topo, t.debug, t.debug)
+	}
 
 	// Key material, before the clock starts.
 	total := cfg.n + cfg.proxies
@@ -463,13 +466,31 @@ func runTopology(ctx context.Context, cfg *config, topo string) (*topoResult, er
 	}
 	logf("%s: %d watchers parked in %.1fs (%d answers, %.0f MB)", topo, len(live), res.Watch.Seconds, res.Watch.Answers, float64(res.Watch.BytesIn)/1e6)
 
-	// Memory with every node enrolled and watching.
-	if t.debug != "" {
-		http.Get(t.debug + "/gc")
-	} else if t.srv != nil {
-		runtime.GC()
+	// Memory with every node enrolled and watching: after a GC, and once
+	// the runtime has returned the freed pages (RSS stable for a second).
+	gc := func() {
+		if t.debug != "" {
+			if resp, err := http.Get(t.debug + "/gc"); err == nil {
+				resp.Body.Close()
+			}
+		} else if t.srv != nil {
+			runtime.GC()
+		}
+	}
+	gc()
+	afterGC := t.memory().RSSMiB
+	last := afterGC
+	for deadline, stable := time.Now().Add(15*time.Second), 0; time.Now().Before(deadline) && stable < 4; {
+		time.Sleep(250 * time.Millisecond)
+		gc()
+		if r := t.memory().RSSMiB; r > last-1 && r < last+1 {
+			stable++
+		} else {
+			last, stable = r, 0
+		}
 	}
 	res.Memory = t.memory()
+	res.Memory.RSSAfterGCMiB = afterGC
 	if t.srv == nil {
 		res.Memory.FDs = 0
 		if t.pid != 0 {
@@ -692,8 +713,8 @@ func printTopology(w io.Writer, r *topoResult) {
 		cpuLine(r.Enroll.CPU, r.Enroll.Count, "enrollment"), float64(r.Enroll.BytesIn)/1e6, r.KeygenSeconds, r.TokenSeconds)
 	p("watch       %d watchers parked in %.1fs: %d answers (%d full, %d deltas), %.1f MB; %s",
 		r.Watch.Count, r.Watch.Seconds, r.Watch.Answers, r.Watch.Full, r.Watch.Deltas, float64(r.Watch.BytesIn)/1e6, cpuLine(r.Watch.CPU, 0, ""))
-	p("memory      RSS %.0f MiB (peak %.0f), Go heap live %.0f MiB, in use %.0f MiB, free %.0f MiB, stacks %.0f MiB, Go total %.0f MiB, %d goroutines, %d fds [%s]",
-		r.Memory.RSSMiB, r.Memory.PeakRSSMiB, r.Memory.HeapLiveMiB, r.Memory.HeapInUseMiB, r.Memory.HeapFreeMiB, r.Memory.StacksMiB,
+	p("memory      RSS %.0f MiB settled (%.0f after the first GC, peak %.0f), Go heap live %.0f MiB, in use %.0f MiB, free %.0f MiB, stacks %.0f MiB, Go total %.0f MiB, %d goroutines, %d fds [%s]",
+		r.Memory.RSSMiB, r.Memory.RSSAfterGCMiB, r.Memory.PeakRSSMiB, r.Memory.HeapLiveMiB, r.Memory.HeapInUseMiB, r.Memory.HeapFreeMiB, r.Memory.StacksMiB,
 		r.Memory.GoTotalMiB, r.Memory.Goroutines, r.Memory.FDs, r.Memory.Scope)
 	c := r.Change
 	p("revoke      %d revocations: last watcher p50 %.0f ms, p99 %.0f ms, max %.0f ms (per watcher: p50 %.0f ms, p99 %.0f ms)%s",
