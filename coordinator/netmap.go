@@ -42,9 +42,12 @@ func newPeerRec(p *wire.Peer) *peerRec {
 type snapshot struct {
 	version uint64
 	byID    map[string]*peerRec
-	byName  map[string]*peerRec
-	sorted  []*peerRec // by name
-	proxies []*peerRec // the members with role proxy, by name (hub topology)
+	// names indexes byID and sshByID by name; built on first use (see
+	// byName), as only admin and proxy lookups by name need it.
+	names     map[string]*peerRec
+	namesOnce sync.Once
+	sorted    []*peerRec // by name
+	proxies   []*peerRec // the members with role proxy, by name (hub topology)
 	// sshByID and sshSorted (by name) hold the active SSH-only nodes. They
 	// are never WireGuard peers (no key, no address); only proxies'
 	// netmaps carry them, in SSHOnly.
@@ -124,7 +127,7 @@ type pendingChange struct {
 // revokedAccessOf).
 func newNetmapState(nodes []store.Node, revoked []revokedAccess, now time.Time) *netmapState {
 	s := &netmapState{}
-	snap := &snapshot{version: uint64(now.UnixNano()), byID: map[string]*peerRec{}, byName: map[string]*peerRec{},
+	snap := &snapshot{version: uint64(now.UnixNano()), byID: map[string]*peerRec{},
 		sshByID: map[string]*peerRec{}, accessRevoked: revoked, next: make(chan struct{})}
 	for i := range nodes {
 		if nodes[i].Revoked() {
@@ -138,7 +141,6 @@ func newNetmapState(nodes []store.Node, revoked []revokedAccess, now time.Time) 
 			snap.byID[r.ID] = r
 			snap.sorted = append(snap.sorted, r)
 		}
-		snap.byName[r.Name] = r
 	}
 	slices.SortFunc(snap.sorted, byName)
 	slices.SortFunc(snap.sshSorted, byName)
@@ -148,6 +150,20 @@ func newNetmapState(nodes []store.Node, revoked []revokedAccess, now time.Time) 
 }
 
 func byName(a, b *peerRec) int { return cmp.Compare(a.Name, b.Name) }
+
+// byNameLookup returns the active node (SSH-only ones included) with this name.
+func (snap *snapshot) byNameLookup(name string) (*peerRec, bool) {
+	snap.namesOnce.Do(func() {
+		snap.names = make(map[string]*peerRec, len(snap.byID)+len(snap.sshByID))
+		for _, m := range []map[string]*peerRec{snap.byID, snap.sshByID} {
+			for _, p := range m {
+				snap.names[p.Name] = p
+			}
+		}
+	})
+	p, ok := snap.names[name]
+	return p, ok
+}
 
 func proxiesOf(sorted []*peerRec) []*peerRec {
 	var out []*peerRec
@@ -163,7 +179,7 @@ func proxiesOf(sorted []*peerRec) []*peerRec {
 // or else the active node with that id. Names win: a name that is also
 // another node's id names the node with that name.
 func (snap *snapshot) lookup(nameOrID string) (*wire.Peer, bool) {
-	if p, ok := snap.byName[nameOrID]; ok {
+	if p, ok := snap.byNameLookup(nameOrID); ok {
 		return &p.Peer, true
 	}
 	if p, ok := snap.byID[nameOrID]; ok {
@@ -208,7 +224,7 @@ func (s *netmapState) apply(id string, p *wire.Peer) {
 // caller holds s.mu.
 func (s *netmapState) publishChanges(batch []*pendingChange) {
 	old := s.snap.Load()
-	byID, bn, sshByID := maps.Clone(old.byID), maps.Clone(old.byName), maps.Clone(old.sshByID)
+	byID, sshByID := maps.Clone(old.byID), maps.Clone(old.sshByID)
 	first := map[string]int{} // id -> index in changes
 	var changes []change
 	for _, pc := range batch {
@@ -228,20 +244,15 @@ func (s *netmapState) publishChanges(batch []*pendingChange) {
 		}
 		delete(byID, pc.id)
 		delete(sshByID, pc.id)
-		if prev != nil && bn[prev.Name] == prev {
-			delete(bn, prev.Name)
-		}
 		switch {
 		case next == nil:
 		case next.Role == wire.RoleSSH:
 			sshByID[pc.id] = next
-			bn[next.Name] = next
 		default:
 			byID[pc.id] = next
-			bn[next.Name] = next
 		}
 	}
-	snap := &snapshot{version: old.version + 1, byID: byID, byName: bn, sshByID: sshByID,
+	snap := &snapshot{version: old.version + 1, byID: byID, sshByID: sshByID,
 		accessRevoked: old.accessRevoked}
 	// The sorted lists: drop the changed nodes, merge their new entries in.
 	var added, sshAdded []*peerRec
@@ -288,10 +299,9 @@ func (s *netmapState) setAccessRevoked(l []revokedAccess) {
 	if slices.Equal(old.accessRevoked, l) {
 		return
 	}
-	next := *old
-	next.version++
-	next.accessRevoked = l
-	s.publish(old, &next, &diff{access: true})
+	next := &snapshot{version: old.version + 1, byID: old.byID, sorted: old.sorted, proxies: old.proxies,
+		sshByID: old.sshByID, sshSorted: old.sshSorted, accessRevoked: l}
+	s.publish(old, next, &diff{access: true})
 }
 
 // publish makes snap (whose version is old's + 1, made by d) the current

@@ -199,8 +199,8 @@ func TestApplyCoalescesConcurrentChanges(t *testing.T) {
 	}
 	wg.Wait()
 	snap := s.current()
-	if len(snap.byID) != 200 || len(snap.sorted) != 200 || len(snap.byName) != 200 {
-		t.Fatalf("%d/%d/%d nodes, want 200", len(snap.byID), len(snap.sorted), len(snap.byName))
+	if _, ok := snap.byNameLookup("name-n123"); len(snap.byID) != 200 || len(snap.sorted) != 200 || !ok {
+		t.Fatalf("%d/%d nodes (name-n123 found: %t), want 200", len(snap.byID), len(snap.sorted), ok)
 	}
 	if !slices.IsSortedFunc(snap.sorted, byName) {
 		t.Error("sorted is not sorted")
@@ -220,7 +220,7 @@ func TestApplyKeepsIndexes(t *testing.T) {
 	s.apply("a", tpeer("a", "zulu", wire.RoleNode)) // renamed
 	s.apply("x", nil)
 	snap := s.current()
-	if _, ok := snap.byName["alpha"]; ok {
+	if _, ok := snap.byNameLookup("alpha"); ok {
 		t.Error("old name still indexed")
 	}
 	if p, ok := snap.lookup("zulu"); !ok || p.ID != "a" {

@@ -79,7 +79,7 @@ func (s *Server) adminAddSSH(w http.ResponseWriter, r *http.Request, actor strin
 	// keeps the node's id; the snapshot guesses it, and the certificate is
 	// signed again in the rare case the store decided otherwise.
 	id := ""
-	if p, ok := s.state.current().byName[req.Name]; ok && p.Role == wire.RoleSSH {
+	if p, ok := s.state.current().byNameLookup(req.Name); ok && p.Role == wire.RoleSSH {
 		id = p.ID
 	} else if id, err = newID(); err != nil {
 		return err
