@@ -120,6 +120,9 @@ func startSpawned(ctx context.Context, cfg *config, topology string) (*target, e
 	cmd := exec.Command(exe, "serve", "-data", filepath.Join(dir, "d"), "-topology", topology,
 		"-longpoll", cfg.longPoll.String())
 	cmd.Stderr = os.Stderr
+	if cfg.coordMemLimit != "" {
+		cmd.Env = append(os.Environ(), "GOMEMLIMIT="+cfg.coordMemLimit)
+	}
 	stdin, err := cmd.StdinPipe() // the child exits when this closes
 	if err != nil {
 		return nil, err

@@ -97,6 +97,7 @@ type config struct {
 	timeout                       time.Duration
 	prefix                        string
 	hold                          time.Duration
+	coordMemLimit                 string
 }
 
 func main() {
@@ -125,6 +126,7 @@ func main() {
 	flag.StringVar(&cfg.profileDir, "profile", "", "write CPU profiles of each phase and a heap profile of the coordinator here")
 	flag.DurationVar(&cfg.quiet, "quiet", 300*time.Millisecond, "a change is over when no watcher has had an answer for this long")
 	flag.DurationVar(&cfg.timeout, "timeout", 3*time.Minute, "give up on a phase after this long")
+	flag.StringVar(&cfg.coordMemLimit, "coord-gomemlimit", "", "with -spawn: GOMEMLIMIT for the coordinator process only (e.g. 400MiB)")
 	flag.DurationVar(&cfg.hold, "hold", 0, "hold the parked watchers this long before the revocations (steady state; long-poll renewals)")
 	flag.Parse()
 	cfg.topologies = strings.Split(topologies, ",")
