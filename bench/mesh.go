@@ -49,21 +49,17 @@ type tokenJSON struct {
 
 // statusJSON is the part of `meshctl status --json` the bench reads.
 type statusJSON struct {
-	Name       string `json:"name"`
-	IPv4       string `json:"ipv4"`
-	Mode       string `json:"mode"`
-	ListenPort int    `json:"listen_port"`
-	Fallback   struct {
+	IPv4     string `json:"ipv4"`
+	Fallback struct {
 		Active bool   `json:"active"`
 		Reason string `json:"reason"`
 	} `json:"fallback"`
 	Peers []struct {
-		Name          string `json:"name"`
-		LastHandshake string `json:"last_handshake"`
-		RxBytes       int64  `json:"rx_bytes"`
-		TxBytes       int64  `json:"tx_bytes"`
-		Path          string `json:"path"`
-		PathReason    string `json:"path_reason"`
+		Name       string `json:"name"`
+		RxBytes    int64  `json:"rx_bytes"`
+		TxBytes    int64  `json:"tx_bytes"`
+		Path       string `json:"path"`
+		PathReason string `json:"path_reason"`
 	} `json:"peers"`
 }
 
@@ -215,6 +211,21 @@ func (m *mesh) wgBytes(ctx context.Context, n *node) (int64, error) {
 		sum += p.RxBytes + p.TxBytes
 	}
 	return sum, nil
+}
+
+// peerPath is how node n's WireGuard reaches peer, as its status says:
+// "direct" or "relay", and why.
+func (m *mesh) peerPath(ctx context.Context, n *node, peer string) string {
+	st, err := m.status(ctx, n)
+	if err != nil {
+		return err.Error()
+	}
+	for _, p := range st.Peers {
+		if p.Name == peer {
+			return fmt.Sprintf("%s → %s: %s (%s)", n.name, peer, p.Path, p.PathReason)
+		}
+	}
+	return fmt.Sprintf("%s → %s: no such peer", n.name, peer)
 }
 
 // blockUDP drops every UDP packet to or from port on this host (the

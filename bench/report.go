@@ -146,10 +146,10 @@ func (s *session) report(w io.Writer, mach machine) {
 	rows = nil
 	for _, t := range s.http {
 		if t.node != nil {
-			rows = append(rows, []string{t.label, seenText(t.seen)})
+			rows = append(rows, []string{t.label, seenText(t.seen), t.wgPath})
 		}
 	}
-	mdTable(w, "ll", []string{"path", "carried by"}, rows)
+	mdTable(w, "lll", []string{"path", "carried by", "WireGuard path (node's `meshctl status` after the checks)"}, rows)
 	p("The proxy uses a node's SSH forward only when it does not reach the node\n")
 	p("directly over UDP (`proxy/sshfallback.go`): with `--fallback always` and\n")
 	p("UDP open, the forward exists but WireGuard still carries the requests.\n")
@@ -170,11 +170,11 @@ func (s *session) report(w io.Writer, mach machine) {
 	rows = nil
 	for _, b := range s.bulk {
 		if b.via != nil {
-			rows = append(rows, []string{b.label, seenText(b.seen)})
+			rows = append(rows, []string{b.label, seenText(b.seen), b.wgPath})
 		}
 	}
 	p("Carried by (from the WireGuard counters of pi2, or pi5 for TUN):\n\n")
-	mdTable(w, "ll", []string{"path", "carried by"}, rows)
+	mdTable(w, "lll", []string{"path", "carried by", "WireGuard path (`meshctl status`)"}, rows)
 
 	p("## Memory (RSS)\n\n")
 	p("VmRSS from /proc/PID/status, MiB: *idle* once every path was checked and\n")

@@ -52,6 +52,7 @@ type httpTarget struct {
 	want       string // the path the proxy must take (pathWG, pathSSH; "" = any)
 	fallback   bool   // the node runs --fallback always: wait for its SSH forwards
 	seen       map[string]int
+	wgPath     string // the node's WireGuard path to the proxy, from its status
 	cmd        string // one wrk command line, for the report
 }
 
@@ -61,6 +62,7 @@ type bulkPath struct {
 	args       []string // the bulk client's -addr/-socks flags
 	via        *node    // a node whose WireGuard must carry the bytes (nil = none)
 	seen       map[string]int
+	wgPath     string // via's WireGuard path to pi1, from its status
 }
 
 // The paths the proxy can take to a node, as observed from the node's
@@ -253,6 +255,16 @@ func (s *session) check(ctx context.Context) error {
 		})
 		if err != nil {
 			return fmt.Errorf("bulk path %s: %w", b.label, err)
+		}
+	}
+	for _, t := range s.http {
+		if t.node != nil {
+			t.wgPath = s.mesh.peerPath(ctx, t.node, "proxy")
+		}
+	}
+	for _, b := range s.bulk {
+		if b.via != nil {
+			b.wgPath = s.mesh.peerPath(ctx, b.via, "pi1")
 		}
 	}
 	return nil
