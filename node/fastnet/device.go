@@ -56,25 +56,32 @@ type Options struct {
 	DisableGSO bool
 	// DisableGRO injects received packets one by one, uncoalesced.
 	DisableGRO bool
-	// TCPSendBuffer and TCPReceiveBuffer are the default (initial) TCP
-	// buffer sizes; gVisor grows the receive buffer with the window up to
-	// TCPMaxBuffer. Zero means the defaults below.
-	TCPSendBuffer    int
-	TCPReceiveBuffer int
-	TCPMaxBuffer     int
+	// TCPSendBuffer and TCPReceiveBuffer are the initial TCP buffer sizes;
+	// gVisor grows them with the connection up to TCPMaxSendBuffer and
+	// TCPMaxReceiveBuffer. Zero means the defaults below.
+	TCPSendBuffer       int
+	TCPReceiveBuffer    int
+	TCPMaxSendBuffer    int
+	TCPMaxReceiveBuffer int
 }
 
-// Defaults, chosen by measurement (BenchmarkBulkTCP) with memory in mind:
-// the send buffer bounds the data a connection can have in flight, so with
-// the receive window it bounds what a flow can queue here and in
-// wireguard-go.
+// Defaults, chosen by measurement (BenchmarkBulkTCP, TestRSSUnderLoad) with
+// a Raspberry Pi's memory in mind. wireguard-go holds every packet in
+// flight through it in a 64 KiB buffer, so a window of W bytes can cost
+// W/1420*64 KiB of memory while encryption or decryption lags (CPU-bound:
+// loopback, a fast LAN on a small board). The receive window bounds the
+// bytes in flight (gVisor's send buffer grows with it), so both are capped
+// at 1 MiB: one node then peaks near 55-60 MiB RSS under a bulk transfer
+// instead of 85-130 MiB at 4 MiB, at no cost on loopback; the price is a
+// per-connection ceiling of 1 MiB per round trip (about 35 MB/s at 30 ms).
 const (
-	defaultQueueLen         = 1024
-	defaultQueueBytes       = 4 << 20
-	defaultTCPSendBuffer    = 1 << 20
-	defaultTCPReceiveBuffer = 1 << 20
-	defaultTCPMaxBuffer     = 4 << 20
-	gsoMaxSize              = 1<<16 - 1
+	defaultQueueLen            = 1024
+	defaultQueueBytes          = 4 << 20
+	defaultTCPSendBuffer       = 1 << 20
+	defaultTCPReceiveBuffer    = 1 << 20
+	defaultTCPMaxSendBuffer    = 1 << 20
+	defaultTCPMaxReceiveBuffer = 1 << 20
+	gsoMaxSize                 = 1<<16 - 1
 )
 
 // Stats counts what the device did; see Device.Stats.
@@ -141,10 +148,14 @@ func New(addrs []netip.Addr, mtu int, opts Options) (*Device, *Net, error) {
 	if opts.TCPReceiveBuffer <= 0 {
 		opts.TCPReceiveBuffer = defaultTCPReceiveBuffer
 	}
-	if opts.TCPMaxBuffer <= 0 {
-		opts.TCPMaxBuffer = defaultTCPMaxBuffer
+	if opts.TCPMaxSendBuffer <= 0 {
+		opts.TCPMaxSendBuffer = defaultTCPMaxSendBuffer
 	}
-	opts.TCPMaxBuffer = max(opts.TCPMaxBuffer, opts.TCPSendBuffer, opts.TCPReceiveBuffer)
+	if opts.TCPMaxReceiveBuffer <= 0 {
+		opts.TCPMaxReceiveBuffer = defaultTCPMaxReceiveBuffer
+	}
+	opts.TCPMaxSendBuffer = max(opts.TCPMaxSendBuffer, opts.TCPSendBuffer)
+	opts.TCPMaxReceiveBuffer = max(opts.TCPMaxReceiveBuffer, opts.TCPReceiveBuffer)
 
 	s := stack.New(stack.Options{
 		NetworkProtocols:   []stack.NetworkProtocolFactory{ipv4.NewProtocol, ipv6.NewProtocol},
@@ -200,8 +211,8 @@ func New(addrs []netip.Addr, mtu int, opts Options) (*Device, *Net, error) {
 func setTCPOptions(s *stack.Stack, opts Options) error {
 	sack := tcpip.TCPSACKEnabled(true)
 	moderate := tcpip.TCPModerateReceiveBufferOption(true)
-	snd := tcpip.TCPSendBufferSizeRangeOption{Min: tcp.MinBufferSize, Default: opts.TCPSendBuffer, Max: opts.TCPMaxBuffer}
-	rcv := tcpip.TCPReceiveBufferSizeRangeOption{Min: tcp.MinBufferSize, Default: opts.TCPReceiveBuffer, Max: opts.TCPMaxBuffer}
+	snd := tcpip.TCPSendBufferSizeRangeOption{Min: tcp.MinBufferSize, Default: opts.TCPSendBuffer, Max: opts.TCPMaxSendBuffer}
+	rcv := tcpip.TCPReceiveBufferSizeRangeOption{Min: tcp.MinBufferSize, Default: opts.TCPReceiveBuffer, Max: opts.TCPMaxReceiveBuffer}
 	for _, o := range []struct {
 		what string
 		opt  tcpip.SettableTransportProtocolOption

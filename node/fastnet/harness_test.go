@@ -18,7 +18,6 @@ import (
 	"time"
 
 	"golang.org/x/crypto/curve25519"
-	"golang.zx2c4.com/wireguard/conn"
 	"golang.zx2c4.com/wireguard/device"
 	"golang.zx2c4.com/wireguard/tun"
 	"golang.zx2c4.com/wireguard/tun/netstack"
@@ -77,29 +76,7 @@ func newKey(tb testing.TB) (priv, pub [32]byte) {
 // over 127.0.0.1.
 func newPair(tb testing.TB, mk stackMaker) (a, b *wgNode) {
 	tb.Helper()
-	nodes := [2]*wgNode{}
-	for i := range nodes {
-		n := &wgNode{
-			v4: netip.AddrFrom4([4]byte{10, 77, 0, byte(i + 1)}),
-			v6: netip.MustParseAddr(fmt.Sprintf("fd77::%d", i+1)),
-		}
-		var err error
-		n.tun, n.net, err = mk([]netip.Addr{n.v4, n.v6}, testMTU)
-		if err != nil {
-			tb.Fatal(err)
-		}
-		n.priv, n.pub = newKey(tb)
-		n.dev = device.NewDevice(n.tun, conn.NewDefaultBind(), device.NewLogger(device.LogLevelSilent, ""))
-		tb.Cleanup(n.dev.Close)
-		if err := n.dev.IpcSet(fmt.Sprintf("private_key=%s\nlisten_port=0\n", hex.EncodeToString(n.priv[:]))); err != nil {
-			tb.Fatal(err)
-		}
-		if err := n.dev.Up(); err != nil {
-			tb.Fatal(err)
-		}
-		n.port = listenPort(tb, n.dev)
-		nodes[i] = n
-	}
+	nodes := [2]*wgNode{startNode(tb, 1, mk), startNode(tb, 2, mk)}
 	for i, n := range nodes {
 		p := nodes[1-i]
 		cfg := fmt.Sprintf("public_key=%s\nendpoint=127.0.0.1:%d\nallowed_ip=%s/32\nallowed_ip=%s/128\n",
