@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"runtime"
@@ -280,10 +281,12 @@ func TestExchange(t *testing.T) {
 				expect(t, a.in, b.key, q)
 				bytesSent += 2 * uint64(len(p))
 			}
-			st := e.srv.Stats()
-			if st.Forwarded != 10 || st.ForwardedBytes != bytesSent || st.Connected != 2 {
-				t.Fatalf("Stats() = %+v, want 10 packets, %d bytes, 2 connected", st, bytesSent)
-			}
+			// The counters are bumped right after a packet is queued, so
+			// the last one may trail its delivery by a moment.
+			e.waitFor(func() bool {
+				st := e.srv.Stats()
+				return st.Forwarded == 10 && st.ForwardedBytes == bytesSent && st.Connected == 2
+			}, fmt.Sprintf("Stats() to show 10 packets, %d bytes, 2 connected (now %+v)", bytesSent, e.srv.Stats()))
 			// The client ending its stream ends ServeConn with nil.
 			a.c.Close()
 			expectServed(t, a.served, nil, "client closed")
