@@ -47,8 +47,12 @@
 //
 // CPU and memory: with -spawn the coordinator runs as "coordload serve" in
 // a child process, so its CPU time (getrusage) and its RSS and Go heap are
-// its own; that is the mode the targets are checked in. In the default
-// in-process mode coordinator.New runs in this process, and CPU time is
+// its own; that is the mode the targets are checked in. It is also what
+// the tool does when this process's file descriptor limit cannot hold both
+// ends of every watcher's connection (it raises RLIMIT_NOFILE first, but a
+// container may cap the hard limit: at 20,000, a 10,000-node run needs the
+// child), and it says so. In the in-process mode coordinator.New runs in
+// this process, and CPU time is
 // split with CPU profile labels (side=coordinator on every goroutine the
 // coordinator starts, side=client on the simulated nodes'; unlabeled time,
 // mostly the garbage collector, is shown apart), while RSS and heap are the
@@ -56,8 +60,7 @@
 // outside only; -coord-pid adds its CPU time and RSS if it runs on this
 // machine.
 //
-// File descriptors: the tool raises RLIMIT_NOFILE (an in-process run needs
-// two per watcher). The output is a readable summary, or JSON with -json.
+// The output is a readable summary, or JSON with -json.
 package main
 
 import (
@@ -115,7 +118,7 @@ func main() {
 	flag.DurationVar(&cfg.longPoll, "longpoll", 5*time.Minute, "long-poll wait of the coordinator this tool starts (long, so that 304 renewals do not blur the measurements)")
 	flag.StringVar(&cfg.dir, "dir", "", "where the temporary data directories go (default: the system temp dir)")
 	flag.BoolVar(&keepData, "keep", false, "keep the data directories")
-	flag.BoolVar(&cfg.spawn, "spawn", false, "run the coordinator in a child process (exact coordinator CPU, RSS and heap)")
+	flag.BoolVar(&cfg.spawn, "spawn", false, "run the coordinator in a child process (exact coordinator CPU, RSS and heap); also chosen when this process's file descriptor limit cannot hold both ends of every watcher's connection")
 	flag.StringVar(&cfg.url, "url", "", "load an external coordinator at this URL instead of starting one")
 	flag.StringVar(&cfg.caPin, "ca-pin", "", "external coordinator: its CA pin")
 	flag.StringVar(&cfg.adminKey, "admin-key", "", "external coordinator: an admin key (tokens, revocations)")
@@ -142,6 +145,18 @@ func main() {
 		}
 	}
 	limit := raiseFDLimit(1 << 20)
+	// File descriptors: a watcher holds one connection; in-process, both
+	// of its ends are in this process.
+	need := uint64(cfg.n+cfg.proxies) + uint64(2*cfg.conc) + 512
+	var fdNote string
+	switch {
+	case need > limit:
+		fatalf("%d watchers need about %d file descriptors per process and the limit is %d (raising it failed): lower -n", cfg.n+cfg.proxies, need, limit)
+	case cfg.url == "" && !cfg.spawn && 2*need > limit:
+		cfg.spawn = true
+		fdNote = fmt.Sprintf("coordinator spawned: in-process needs about %d file descriptors and the limit is %d", 2*need, limit)
+		logf("%s", fdNote)
+	}
 	res := result{Nodes: cfg.n, Proxies: cfg.proxies, Concurrency: cfg.conc, GOMAXPROCS: runtime.GOMAXPROCS(0),
 		CPUs: runtime.NumCPU(), FDLimit: limit, GoVersion: runtime.Version(), Started: time.Now().UTC()}
 	ctx := context.Background()
@@ -153,6 +168,9 @@ func main() {
 		})
 		if err != nil {
 			fatalf("%s: %v", topo, err)
+		}
+		if fdNote != "" {
+			tr.Notes = append(tr.Notes, fdNote)
 		}
 		res.Topologies = append(res.Topologies, *tr)
 		if !cfg.jsonOut {
