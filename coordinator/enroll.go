@@ -142,18 +142,20 @@ func writeEnrollResponse(w http.ResponseWriter, head enrollHead, snap *snapshot,
 	h.Set("Content-Type", "application/json")
 	h.Set("Cache-Control", "no-store")
 	h.Set("Content-Length", strconv.Itoa(size))
+	// From here on, like writeJSON, write errors are ignored: the status
+	// is sent, and a client that went away mid-answer is nobody's to tell.
 	w.WriteHeader(http.StatusOK)
 	w.Write(hb[:len(hb)-1])
 	w.Write([]byte(`,"netmap":`))
 	if nj != nil {
-		if err := nj.writeTo(w); err != nil {
-			return err
+		if nj.writeTo(w) != nil {
+			return nil
 		}
 	} else {
 		w.Write(empty)
 	}
-	_, err = w.Write([]byte("}\n"))
-	return err
+	w.Write([]byte("}\n"))
+	return nil
 }
 
 func validateWireGuardKey(k string) error {

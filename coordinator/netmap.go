@@ -530,18 +530,18 @@ func (nj *netmapJSON) writeTo(w io.Writer) error {
 	return bw.Flush()
 }
 
-// writeNetmapResponse answers a netmap request with nj.
-func writeNetmapResponse(w http.ResponseWriter, nj *netmapJSON) error {
+// writeNetmapResponse answers a netmap request with nj. Like writeJSON, it
+// ignores write errors: the status is sent, and a client that went away
+// mid-answer is nobody's to tell.
+func writeNetmapResponse(w http.ResponseWriter, nj *netmapJSON) {
 	h := w.Header()
 	h["Content-Type"] = []string{"application/json"}
 	h["Cache-Control"] = []string{"no-store"}
 	h["Content-Length"] = []string{strconv.Itoa(nj.size + 1)}
-	w.WriteHeader(200)
-	if err := nj.writeTo(w); err != nil {
-		return err
+	w.WriteHeader(http.StatusOK)
+	if nj.writeTo(w) == nil {
+		w.Write([]byte{'\n'})
 	}
-	_, err := w.Write([]byte{'\n'})
-	return err
 }
 
 // revokedAccessOf picks the keys that were revoked before they expired and

@@ -125,7 +125,8 @@ func (s *Server) handleNetmap(w http.ResponseWriter, r *http.Request, id string)
 		if snap.version != checked {
 			plan := snap.planFor(self, since, checked, hub, wantDelta)
 			if !plan.wait {
-				return writeNetmapResponse(w, snap.render(self, since, plan, &s.opts, s.ipv6))
+				writeNetmapResponse(w, snap.render(self, since, plan, &s.opts, s.ipv6))
+				return nil
 			}
 			checked = snap.version
 		}
