@@ -5,15 +5,16 @@
 // CPU each change costs, and the coordinator's memory, in the mesh and the
 // hub topology.
 //
-// The documented target run (10,000 nodes, both topologies, about four
-// minutes on a 2-core machine):
+// The documented target run (10,000 nodes, both topologies, about three
+// minutes on a 2-core machine; results in README.md):
 //
 //	go build -o /tmp/coordload ./bench/coordload && /tmp/coordload -spawn
 //
 // Variants:
 //
-//	/tmp/coordload                      # coordinator in this process (see "CPU and memory" below)
-//	/tmp/coordload -n 1000 -spawn       # quick run, well under a minute
+//	/tmp/coordload                      # coordinator in this process if file descriptors allow (see "CPU and memory" below)
+//	/tmp/coordload -n 1000 -spawn       # quick run, about 20 seconds
+//	/tmp/coordload -spawn -coord-gomemlimit 480MiB   # GOMEMLIMIT for the coordinator only
 //	/tmp/coordload -topology mesh -revocations 20 -json > mesh.json
 //	/tmp/coordload -url https://HOST:7443 -ca-pin sha256:… -admin-key mk_… -topology mesh
 //	/tmp/coordload -spawn -profile /tmp/prof   # CPU profiles of each phase, heap profile
