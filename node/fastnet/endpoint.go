@@ -11,12 +11,13 @@ import (
 // linkEndpoint is the NIC gVisor sees: what gVisor sends goes into q for
 // Device.Read; Device.Write delivers to the attached dispatcher.
 type linkEndpoint struct {
-	dev  *Device
-	mtu  uint32
-	gso  stack.SupportedGSO
-	q    pktQueue
-	mu   sync.RWMutex
-	disp stack.NetworkDispatcher
+	dev    *Device
+	mtu    uint32
+	gso    stack.SupportedGSO
+	gsoMax uint32
+	q      pktQueue
+	mu     sync.RWMutex
+	disp   stack.NetworkDispatcher
 }
 
 var (
@@ -25,7 +26,7 @@ var (
 )
 
 func newLinkEndpoint(d *Device, mtu uint32, opts Options) *linkEndpoint {
-	ep := &linkEndpoint{dev: d, mtu: mtu, gso: stack.HostGSOSupported}
+	ep := &linkEndpoint{dev: d, mtu: mtu, gso: stack.HostGSOSupported, gsoMax: uint32(opts.GSOMaxSize)}
 	if opts.DisableGSO {
 		ep.gso = stack.GSONotSupported
 	}
@@ -94,7 +95,7 @@ func (ep *linkEndpoint) Attach(d stack.NetworkDispatcher) {
 func (ep *linkEndpoint) IsAttached() bool { return ep.dispatcher() != nil }
 
 // GSOMaxSize implements stack.GSOEndpoint: TCP packets of up to 64 KiB.
-func (ep *linkEndpoint) GSOMaxSize() uint32 { return gsoMaxSize }
+func (ep *linkEndpoint) GSOMaxSize() uint32 { return ep.gsoMax }
 
 // SupportedGSO implements stack.GSOEndpoint.
 func (ep *linkEndpoint) SupportedGSO() stack.SupportedGSO { return ep.gso }

@@ -14,6 +14,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -206,3 +207,34 @@ func peakRSS() int64 {
 }
 
 func resetPeakRSS() { os.WriteFile("/proc/self/clear_refs", []byte("5"), 0) }
+
+// lossyTUN drops a fraction of the packets a device hands wireguard-go, as
+// a lossy path would.
+type lossyTUN struct {
+	tun.Device
+	p  float64
+	mu sync.Mutex
+	r  *mrand.Rand
+}
+
+func (l *lossyTUN) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
+	n, err := l.Device.Read(bufs, sizes, offset)
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for i := 0; i < n; i++ {
+		if l.r.Float64() < l.p {
+			// wireguard-go skips empty packets. (bufs must stay where they
+			// are: each is the buffer of wireguard-go's i-th element.)
+			sizes[i] = 0
+		}
+	}
+	return n, err
+}
+
+func lossyMaker(mk stackMaker, p float64, seed uint64) stackMaker {
+	return func(addrs []netip.Addr, mtu int) (tun.Device, tcpNet, error) {
+		d, n, err := mk(addrs, mtu)
+		seed++
+		return &lossyTUN{Device: d, p: p, r: mrand.New(mrand.NewPCG(seed, 1))}, n, err
+	}
+}
