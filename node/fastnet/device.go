@@ -9,12 +9,17 @@
 //     delivered, and nothing is cloned on the way out.
 //   - The queue from gVisor to Read is bounded (packets and bytes); beyond it
 //     packets are dropped and counted, as a NIC ring would.
-//   - The link advertises host GSO: gVisor's TCP hands over segments of up to
-//     64 KiB, which Read cuts into MTU-sized packets with full headers and
-//     checksums (TSO done in software, once per packet instead of once per
-//     pass through gVisor's stack).
+//   - The link advertises host GSO: gVisor's TCP hands over segments of
+//     several MTUs (six by default, up to 64 KiB), which Read cuts into
+//     MTU-sized packets with full headers and checksums (segmentation
+//     offload done here, so gVisor's per-segment send path runs once per
+//     GSO packet), see gso.go.
 //   - Write coalesces in-order TCP segments of one flow within a batch into
-//     one large segment before injecting it (GRO), see gro.go.
+//     one large segment before injecting it (GRO), see gro.go, and gives
+//     every injected packet's IP header a buffer view of its own (gVisor's
+//     receive path would otherwise copy the packet's whole buffer chunk).
+//   - TCP: SACK, receive buffer moderation, buffers up to 4 MiB (see the
+//     defaults below for what they cost in memory).
 //
 // Only gVisor's public packages are used.
 package fastnet
