@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/base64"
 	"errors"
-	"io"
 	"net/netip"
 
 	"github.com/meshctl/meshctl/node/pathbind"
@@ -65,13 +64,8 @@ func (a *Agent) relayDial(ctx context.Context) (pathbind.RelayConn, error) {
 		return nil, err
 	}
 	go ssh.DiscardRequests(reqs)
-	return relay.NewClient(sshChannelConn{ch}), nil
+	return relay.NewClient(ch), nil
 }
-
-// sshChannelConn is an SSH channel as the relay client's stream.
-type sshChannelConn struct{ ssh.Channel }
-
-var _ io.ReadWriteCloser = sshChannelConn{}
 
 // proxyPath reports how the proxy is reached.
 func (a *Agent) proxyPath() (pathbind.PathInfo, bool) {

@@ -105,13 +105,12 @@ type Bind struct {
 	openMu sync.Mutex
 	closed chan struct{} // closed by Close; replaced by Open
 
-	relayRx    chan relayPacket
-	relay      atomic.Pointer[relayLink]
-	relayWant  atomic.Int64 // unix nanos of the last send that wanted the relay
-	relayForce atomic.Bool
-	relayAddr  atomic.Pointer[netip.AddrPort]
-	relayKick  chan struct{} // wakes relayLoop (peers or relay changed)
-	stats      Stats
+	relayRx   chan relayPacket
+	relay     atomic.Pointer[relayLink]
+	relayWant atomic.Int64 // unix nanos of the last send that wanted the relay
+	relayAddr atomic.Pointer[netip.AddrPort]
+	relayKick chan struct{} // wakes relayLoop (peers or relay changed)
+	stats     Stats
 }
 
 // Stats count what the Bind did (for tests and status).
@@ -618,17 +617,13 @@ func (b *Bind) Run(ctx context.Context) {
 	}
 }
 
-// RequireRelay keeps the relay connected regardless of need (a node in SSH
-// fallback, whose UDP to the proxy is blocked).
-func (b *Bind) RequireRelay(on bool) { b.relayForce.Store(on) }
-
-// relayWanted: forced, or a send needed it recently, or some peer has no
+// relayWanted: a send needed it recently, or some peer has no
 // trusted direct path (the relay must be up for peers to reach us too).
 func (b *Bind) relayWanted(now time.Time) bool {
 	if b.relayAddr.Load() == nil {
 		return false // no relay in this mesh
 	}
-	if b.relayForce.Load() || now.Sub(time.Unix(0, b.relayWant.Load())) < b.o.RelayLinger {
+	if now.Sub(time.Unix(0, b.relayWant.Load())) < b.o.RelayLinger {
 		return true
 	}
 	b.mu.RLock()
