@@ -74,7 +74,7 @@ Example:
 				&cli.StringFlag{Name: "ca-pin", EnvVars: env("ca-pin"), Usage: "the coordinator CA's pin (first start only)"},
 				&cli.StringFlag{Name: "name", EnvVars: env("name"), Usage: "the proxy's name in the mesh (first start only; default proxy-HOSTNAME)"},
 				&cli.StringFlag{Name: "state-dir", Value: "/var/lib/meshctl-proxy", EnvVars: env("state-dir"), Usage: "the proxy's state dir"},
-				&cli.StringFlag{Name: "ssh-listen", Value: ":2222", EnvVars: env("ssh-listen"), Usage: "SSH reverse-tunnel fallback for nodes whose UDP is blocked (\"\" = off)"},
+				&cli.StringFlag{Name: "ssh-listen", Value: ":2222", EnvVars: env("ssh-listen"), Usage: "SSH server: the relay for nodes with no direct path to each other, and the reverse-tunnel fallback for nodes whose UDP is blocked (\"\" = off: neither)"},
 				&cli.StringSliceFlag{Name: "ssh-host", EnvVars: env("ssh-host"), Usage: "a name or address nodes use to reach the SSH fallback; its host certificate names it (repeatable; default: the --ssh-listen host, localhost and 127.0.0.1)"},
 			}, proxyFlags()...), logFlags()...),
 			Action: runProxyServe,
@@ -183,7 +183,7 @@ func startProxy(c *cli.Context, dir, coordinator string, localTLS *tls.Config, s
 	}
 	fmt.Fprintf(w, "  WireGuard:    UDP %d (nodes behind NAT keep alive to it)\n", port)
 	if a := px.SSHAddr(); a != nil {
-		fmt.Fprintf(w, "  SSH fallback: %s (for nodes whose UDP is blocked)\n", a)
+		fmt.Fprintf(w, "  SSH:          %s (the relay between nodes behind NATs, and the fallback for nodes whose UDP is blocked)\n", a)
 	}
 	return px, nil
 }

@@ -48,7 +48,7 @@ Example (local, no root):
 			&cli.StringFlag{Name: "cidr", Value: coordinator.DefaultIPv4Pool.String(), EnvVars: env("cidr"), Usage: "IPv4 pool for overlay addresses"},
 			&cli.DurationFlag{Name: "quarantine", Value: coordinator.DefaultQuarantine, EnvVars: env("quarantine"), Usage: "how long a revoked node's addresses are held back before reuse"},
 			&cli.DurationFlag{Name: "cert-ttl", Value: coordinator.DefaultCertValidity, EnvVars: env("cert-ttl"), Usage: "lifetime of node client certificates (nodes renew them automatically)"},
-			&cli.StringFlag{Name: "ssh-listen", Value: ":2222", EnvVars: env("ssh-listen"), Usage: "SSH reverse-tunnel fallback for nodes whose UDP is blocked (\"\" = off)"},
+			&cli.StringFlag{Name: "ssh-listen", Value: ":2222", EnvVars: env("ssh-listen"), Usage: "SSH server: the relay for nodes with no direct path to each other, and the reverse-tunnel fallback for nodes whose UDP is blocked (\"\" = off: neither)"},
 			&cli.StringFlag{Name: "topology", Value: coordinator.TopologyMesh, EnvVars: env("topology"),
 				Usage: "mesh: every node sees every other; hub: nodes see only the proxy and cannot reach each other (small netmaps for fleets reached only through the proxy)"},
 			&cli.StringFlag{Name: "ssh-endpoint", EnvVars: env("ssh-endpoint"), Usage: "the SSH fallback as nodes reach it, HOST:PORT (default: --public-host with the --ssh-listen port; set it to a standalone proxy's when that serves the fallback)"},
