@@ -92,7 +92,10 @@ func Main() {
 
 // Run runs meshctl with args and returns the process exit code.
 func Run(args []string, stdout, stderr io.Writer) int {
-	err := NewApp(stdout, stderr).Run(args)
+	err := startPprof()
+	if err == nil {
+		err = NewApp(stdout, stderr).Run(args)
+	}
 	if err == nil {
 		return 0
 	}

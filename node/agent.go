@@ -19,6 +19,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/meshctl/meshctl/node/inflight"
 	"github.com/meshctl/meshctl/node/pathbind"
 	"github.com/meshctl/meshctl/node/socks5"
 	"github.com/meshctl/meshctl/node/wgconf"
@@ -246,7 +247,9 @@ func (a *Agent) Start() (err error) {
 	if err != nil {
 		return err
 	}
-	a.dev = device.NewDevice(a.plane.Device(), a.bind, wgLogger(a.log))
+	// The gate keeps wireguard-go's queues short: see node/inflight.
+	gate := inflight.New(0)
+	a.dev = device.NewDevice(gate.Device(a.plane.Device()), gate.Bind(a.bind), wgLogger(a.log))
 	if err := a.dev.IpcSet(wgconf.FullConfig(a.state.WireGuardKey(), a.opts.ListenPort, nil)); err != nil {
 		return fmt.Errorf("configure WireGuard: %w", err)
 	}
