@@ -28,6 +28,17 @@
 // replayed or forged ones) would leak credit; so a wait that lasts Leak
 // without any packet leaving forgets what it was waiting for and counts
 // afresh. Keepalives (empty data messages) are not counted.
+//
+// The gate also shrinks wireguard-go's standing buffers. wireguard-go
+// allocates a batch of 64 KiB buffers for the TUN reader and for every
+// receive function (three here: IPv4, IPv6, relay), 128 each: 32 MiB that
+// never go away and that the runtime counts in full against the memory
+// limit (only the first 1.5 KiB of each is ever written). The gate
+// advertises a smaller batch (Batch, 32 for reads and 16 for receives) and
+// lets each receive function read a full 128-datagram batch into small
+// buffers of its own (4 KiB; the last few 64 KiB, where the stock bind
+// reads coalesced UDP GRO segments before splitting them), then hands it to
+// wireguard-go 16 at a time, copying each packet once.
 package inflight
 
 import (
@@ -51,6 +62,22 @@ import (
 const (
 	DefaultLimit = 64
 	DefaultLeak  = 20 * time.Millisecond
+
+	// ReadBatch is the batch the TUN reader gets (each Read fills at most
+	// this many packets; sendmmsg and UDP GSO carry them in one call), and
+	// ReceiveBatch the one wireguard-go's receive routines get.
+	ReadBatch    = 32
+	ReceiveBatch = 16
+
+	// innerBatch datagrams are read per receive call (the stock bind's
+	// conn.IdealBatchSize; it needs exactly that many buffers), into
+	// buffers of smallBuf bytes, except the last largeBufs of MaxSegment
+	// bytes: the stock bind reads coalesced GRO segments into its last
+	// IdealBatchSize/64 (2) buffers and splits them into the first ones.
+	innerBatch = conn.IdealBatchSize
+	smallBuf   = 4 << 10
+	largeBufs  = 4
+	largeBuf   = 1<<16 - 1
 )
 
 // WireGuard data message: type 4, a 16-byte header and a 16-byte tag
@@ -202,6 +229,9 @@ func (d *device) Write(bufs [][]byte, offset int) (int, error) {
 	return n, err
 }
 
+// BatchSize is the smaller of the device's and ReadBatch.
+func (d *device) BatchSize() int { return min(d.Device.BatchSize(), ReadBatch) }
+
 func (d *device) Close() error {
 	d.g.close()
 	return d.Device.Close()
@@ -218,24 +248,76 @@ func (b *bind) Send(bufs [][]byte, ep conn.Endpoint) error {
 	return err
 }
 
-// Open wraps the receive functions so that each waits for inbound room.
+// BatchSize is what wireguard-go allocates receive buffers for; the inner
+// bind still reads its own full batch (see rebatcher).
+func (b *bind) BatchSize() int { return min(b.Bind.BatchSize(), ReceiveBatch) }
+
+// Open wraps the receive functions so that each reads a full batch into
+// small buffers, waits for inbound room before reading, and hands packets
+// on a few at a time.
 func (b *bind) Open(port uint16) ([]conn.ReceiveFunc, uint16, error) {
 	fns, actual, err := b.Bind.Open(port)
 	for i, fn := range fns {
-		fns[i] = func(bufs [][]byte, sizes []int, eps []conn.Endpoint) (int, error) {
-			if !b.g.in.wait() {
-				return 0, net.ErrClosed
-			}
-			n, err := fn(bufs, sizes, eps)
-			k := 0
-			for j := range n {
-				if sizes[j] > keepaliveLen && bufs[j][0] == transportType {
-					k++
-				}
-			}
-			b.g.in.enter(k)
-			return n, err
-		}
+		fns[i] = newRebatcher(fn, b.g).receive
 	}
 	return fns, actual, err
+}
+
+// rebatcher reads a batch of datagrams from one receive function into its
+// own buffers and returns them a few per call. wireguard-go calls each
+// receive function from one goroutine only, so it needs no lock.
+type rebatcher struct {
+	fn    conn.ReceiveFunc
+	g     *Gate
+	bufs  [][]byte
+	sizes []int
+	eps   []conn.Endpoint
+	next  int   // the first pending datagram
+	n     int   // datagrams read
+	err   error // the read's error, returned once its datagrams are out
+}
+
+func newRebatcher(fn conn.ReceiveFunc, g *Gate) *rebatcher {
+	r := &rebatcher{fn: fn, g: g, bufs: make([][]byte, innerBatch), sizes: make([]int, innerBatch), eps: make([]conn.Endpoint, innerBatch)}
+	for i := range r.bufs {
+		size := smallBuf
+		if i >= innerBatch-largeBufs {
+			size = largeBuf
+		}
+		r.bufs[i] = make([]byte, size)
+	}
+	return r
+}
+
+func (r *rebatcher) receive(bufs [][]byte, sizes []int, eps []conn.Endpoint) (int, error) {
+	if r.next >= r.n {
+		if err := r.err; err != nil {
+			r.err = nil
+			return 0, err
+		}
+		if !r.g.in.wait() {
+			return 0, net.ErrClosed
+		}
+		n, err := r.fn(r.bufs, r.sizes, r.eps)
+		r.next, r.n, r.err = 0, n, err
+		k := 0
+		for j := range n {
+			if r.sizes[j] > keepaliveLen && r.bufs[j][0] == transportType {
+				k++
+			}
+		}
+		r.g.in.enter(k)
+		if n == 0 {
+			r.err = nil
+			return 0, err
+		}
+	}
+	k := 0
+	for ; k < len(bufs) && r.next < r.n; r.next++ {
+		i := r.next
+		sizes[k] = copy(bufs[k], r.bufs[i][:r.sizes[i]])
+		eps[k], r.eps[i] = r.eps[i], nil
+		k++
+	}
+	return k, nil
 }
