@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -150,8 +151,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		writePage(rec, http.StatusNotFound, "No device at this address",
 			"Nothing is published at this address. Check the name and try again.")
 		return
-	case r.Method == http.MethodConnect:
-		rec.reason = "CONNECT"
+	case r.Method == http.MethodConnect || r.Method == "PRI":
+		// PRI is the HTTP/2 preface: never forwarded as a request.
+		rec.reason = r.Method
 		writePage(rec, http.StatusMethodNotAllowed, "Not allowed", "This request method is not supported.")
 		return
 	case h.o.Authorize != nil && !h.o.Authorize(rec, r, rt):
@@ -164,7 +166,44 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		writePage(rec, http.StatusNotFound, "Not found", "There is nothing here.")
 		return
 	}
+	dropH2CUpgrade(r.Header)
+	if r.Body != nil && r.Body != http.NoBody {
+		rec.body = &bodyReader{ReadCloser: r.Body}
+		r.Body = rec.body
+	}
 	h.proxy.ServeHTTP(rec, r.WithContext(context.WithValue(r.Context(), routeKey{}, rt)))
+}
+
+// dropH2CUpgrade removes an HTTP/2 cleartext upgrade offer: a backend that
+// accepted it would carry further requests in a tunnel the proxy does not
+// look into. The request goes on as plain HTTP/1.1, as to a server that
+// does not speak h2c.
+func dropH2CUpgrade(h http.Header) {
+	for _, v := range h.Values("Upgrade") {
+		for tok := range strings.SplitSeq(v, ",") {
+			if strings.EqualFold(strings.TrimSpace(tok), "h2c") {
+				h.Del("Upgrade")
+				h.Del("HTTP2-Settings")
+				return
+			}
+		}
+	}
+}
+
+// bodyReader notes a client's request body that failed to read (malformed
+// chunked encoding), so that the client gets 400 rather than a 502 that
+// blames the device.
+type bodyReader struct {
+	io.ReadCloser
+	failed atomic.Bool
+}
+
+func (b *bodyReader) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if err != nil && err != io.EOF && !errors.Is(err, http.ErrBodyReadAfterClose) {
+		b.failed.Store(true)
+	}
+	return n, err
 }
 
 // reserved reports whether p is, or resolves to, a path under
@@ -305,6 +344,9 @@ func (h *Handler) proxyError(w http.ResponseWriter, r *http.Request, err error) 
 		}
 	case rec.hijacked || rec.status != 0:
 		// Too late for an error page.
+	case rec.body != nil && rec.body.failed.Load():
+		rec.reason = "bad request body: " + err.Error()
+		writePage(rec, http.StatusBadRequest, "Bad request", "The request body could not be read.")
 	case errors.As(err, &de):
 		writePage(rec, http.StatusBadGateway, "Device not reachable", "This device is not reachable right now. Try again later.")
 	case errors.Is(err, context.DeadlineExceeded) || isTimeout(err):
@@ -369,6 +411,7 @@ type recorder struct {
 	bytes    int64
 	reason   string
 	hijacked bool
+	body     *bodyReader // the request body, when there is one
 }
 
 func (r *recorder) WriteHeader(code int) {

@@ -46,6 +46,12 @@ type Options struct {
 	// DialTimeout bounds connecting to a node's service; a node that does
 	// not answer in time gets 502. Default 10s.
 	DialTimeout time.Duration
+	// ReadHeaderTimeout closes a connection whose request headers (or TLS
+	// handshake) do not arrive in time (slowloris). Default 10s.
+	ReadHeaderTimeout time.Duration
+	// IdleTimeout closes a keep-alive connection that sends no new request
+	// in time. Default 120s.
+	IdleTimeout time.Duration
 	// Logger receives the proxy's logs (nil discards).
 	Logger *slog.Logger
 }
@@ -93,6 +99,12 @@ func New(opts Options) (*Proxy, error) {
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opts.ReadHeaderTimeout <= 0 {
+		opts.ReadHeaderTimeout = 10 * time.Second
+	}
+	if opts.IdleTimeout <= 0 {
+		opts.IdleTimeout = 120 * time.Second
 	}
 	p := &Proxy{opts: opts, log: opts.Logger}
 	p.table.Store(BuildTable(&wire.Netmap{}, opts.Domain))
@@ -227,14 +239,7 @@ func (p *Proxy) listen(addr string, h http.Handler, tlsConf *tls.Config, public 
 		}
 		return fmt.Errorf("proxy: listen on %s: %w", addr, err)
 	}
-	srv := &http.Server{
-		Handler:           h,
-		ReadHeaderTimeout: 10 * time.Second, // slowloris
-		IdleTimeout:       120 * time.Second,
-		MaxHeaderBytes:    64 << 10,
-		ErrorLog:          slog.NewLogLogger(p.log.Handler(), slog.LevelDebug),
-		TLSConfig:         tlsConf,
-	}
+	srv := newHTTPServer(h, tlsConf, p.opts, p.log)
 	if public {
 		srv.ConnState = p.metrics.TrackConn
 	}
@@ -257,6 +262,22 @@ func (p *Proxy) listen(addr string, h http.Handler, tlsConf *tls.Config, public 
 	}
 	p.log.Info("proxy listening", "addr", ln.Addr().String(), "scheme", scheme, "domain", p.opts.Domain)
 	return nil
+}
+
+// maxHeaderBytes bounds a request's header block; larger ones get 431.
+const maxHeaderBytes = 64 << 10
+
+// newHTTPServer is the configuration of every listener: the timeouts of
+// opts (defaults applied by New) and the header limit.
+func newHTTPServer(h http.Handler, tlsConf *tls.Config, opts Options, log *slog.Logger) *http.Server {
+	return &http.Server{
+		Handler:           h,
+		ReadHeaderTimeout: opts.ReadHeaderTimeout, // slowloris; bounds the TLS handshake too
+		IdleTimeout:       opts.IdleTimeout,
+		MaxHeaderBytes:    maxHeaderBytes,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelDebug),
+		TLSConfig:         tlsConf,
+	}
 }
 
 // Addrs returns the listeners' addresses: HTTPS first when on, then
