@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"strings"
 
 	"github.com/meshctl/meshctl/coordinator/store"
 	"github.com/meshctl/meshctl/wire"
@@ -80,7 +81,9 @@ const maxBody = 64 << 10
 // decodeJSON reads a JSON request body strictly: application/json only,
 // at most maxBody bytes, no unknown fields, exactly one value.
 func decodeJSON(w http.ResponseWriter, r *http.Request, v any) error {
-	if ct := r.Header.Get("Content-Type"); ct != "application/json" && ct != "application/json; charset=utf-8" {
+	// Exactly one Content-Type: with two, which one counts is ambiguous.
+	cts := r.Header.Values("Content-Type")
+	if ct := strings.Join(cts, ", "); len(cts) != 1 || ct != "application/json" && ct != "application/json; charset=utf-8" {
 		return errf(http.StatusUnsupportedMediaType, wire.CodeBadRequest, "Content-Type must be application/json, got %q", ct)
 	}
 	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxBody))

@@ -102,6 +102,10 @@ type Options struct {
 	// address may make before it gets 429; one more is allowed every 6 s.
 	// Default 10.
 	FailureBurst int
+	// ReadTimeout bounds reading one API request, headers and body; a
+	// client that sends slower is cut off. Default 30s. Headers (and the
+	// TLS handshake) must arrive within 10s or ReadTimeout if shorter.
+	ReadTimeout time.Duration
 	// Version is reported by the admin info endpoint.
 	Version string
 	// Logger receives the coordinator's logs. Nil discards them.
@@ -171,6 +175,9 @@ func New(opts Options) (s *Server, err error) {
 	}
 	if opts.FailureBurst == 0 {
 		opts.FailureBurst = 10
+	}
+	if opts.ReadTimeout <= 0 {
+		opts.ReadTimeout = 30 * time.Second
 	}
 	if opts.Now == nil {
 		opts.Now = time.Now
@@ -292,8 +299,8 @@ func (s *Server) Start() (err error) {
 			// a TLS alert, and so the injected clock applies.
 			ClientAuth: tls.RequestClientCert,
 		},
-		ReadHeaderTimeout: 10 * time.Second,
-		ReadTimeout:       30 * time.Second,
+		ReadHeaderTimeout: min(10*time.Second, s.opts.ReadTimeout),
+		ReadTimeout:       s.opts.ReadTimeout,
 		IdleTimeout:       120 * time.Second,
 		MaxHeaderBytes:    32 << 10,
 		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
