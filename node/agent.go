@@ -247,8 +247,12 @@ func (a *Agent) Start() (err error) {
 	if err != nil {
 		return err
 	}
-	// The gate keeps wireguard-go's queues short: see node/inflight.
+	// The gate keeps wireguard-go's queues short: see node/inflight. A
+	// kernel TUN keeps its own read batch, which TSO segments need.
 	gate := inflight.New(0)
+	if a.opts.TUN != "" {
+		gate = inflight.NewWithReadBatch(0, 0)
+	}
 	a.dev = device.NewDevice(gate.Device(a.plane.Device()), gate.Bind(a.bind), wgLogger(a.log))
 	if err := a.dev.IpcSet(wgconf.FullConfig(a.state.WireGuardKey(), a.opts.ListenPort, nil)); err != nil {
 		return fmt.Errorf("configure WireGuard: %w", err)

@@ -89,18 +89,25 @@ const (
 
 // Gate bounds the packets in flight through a wireguard-go device.
 type Gate struct {
-	out, in limiter
-	done    chan struct{} // closed with the device
-	once    sync.Once
+	out, in   limiter
+	readBatch int
+	done      chan struct{} // closed with the device
+	once      sync.Once
 }
 
 // New returns a gate letting limit packets (0 means DefaultLimit) be in
 // flight in each direction.
-func New(limit int) *Gate {
+func New(limit int) *Gate { return NewWithReadBatch(limit, ReadBatch) }
+
+// NewWithReadBatch is New with the cap on the TUN reader's batch: a kernel
+// TUN with offloads needs room to split a 64 KiB TSO segment (up to ~48
+// packets; wireguard-go drops them all with ErrTooManySegments otherwise),
+// so it keeps the device's own batch (readBatch 0 means no cap).
+func NewWithReadBatch(limit, readBatch int) *Gate {
 	if limit <= 0 {
 		limit = DefaultLimit
 	}
-	g := &Gate{done: make(chan struct{})}
+	g := &Gate{done: make(chan struct{}), readBatch: readBatch}
 	for _, l := range []*limiter{&g.out, &g.in} {
 		*l = limiter{limit: int64(limit), leak: DefaultLeak, kick: make(chan struct{}, 1), done: g.done}
 	}
@@ -229,8 +236,13 @@ func (d *device) Write(bufs [][]byte, offset int) (int, error) {
 	return n, err
 }
 
-// BatchSize is the smaller of the device's and ReadBatch.
-func (d *device) BatchSize() int { return min(d.Device.BatchSize(), ReadBatch) }
+// BatchSize is the smaller of the device's and the gate's read batch.
+func (d *device) BatchSize() int {
+	if d.g.readBatch <= 0 {
+		return d.Device.BatchSize()
+	}
+	return min(d.Device.BatchSize(), d.g.readBatch)
+}
 
 func (d *device) Close() error {
 	d.g.close()
