@@ -359,3 +359,21 @@ func TestVersionModules(t *testing.T) {
 		t.Errorf("version --modules printed %q, want the Go version", o.stdout)
 	}
 }
+
+func TestMemoryLimitFlagRefusesBadSizes(t *testing.T) {
+	isolateEnv(t)
+	d := meshtest.ShortTempDir(t)
+	for _, args := range [][]string{
+		{"server", "--data-dir", d, "--memory-limit", "lots"},
+		{"server", "--data-dir", d, "--memory-limit", "1KiB"},
+		{"up", "--state-dir", d, "--memory-limit", "-5MiB"},
+	} {
+		o := run(args...)
+		if o.code != ExitUsage || !strings.Contains(o.stderr, "--memory-limit") {
+			t.Errorf("meshctl %s: want exit %d naming --memory-limit, got %s", strings.Join(args, " "), ExitUsage, o)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(d, "meshctl.db")); err == nil {
+		t.Error("the server created its database before refusing its flags")
+	}
+}

@@ -54,6 +54,8 @@ Example (local, no root):
 			&cli.StringFlag{Name: "ssh-endpoint", EnvVars: env("ssh-endpoint"), Usage: "the SSH fallback as nodes reach it, HOST:PORT (default: --public-host with the --ssh-listen port; set it to a standalone proxy's when that serves the fallback)"},
 			&cli.BoolFlag{Name: "tls-local", EnvVars: env("tls-local"), Usage: "serve --https with a certificate for *.DOMAIN from this server's own CA (for local use; install DATA_DIR/ca.crt in browsers)"},
 			&cli.StringFlag{Name: "wg-endpoint", EnvVars: env("wg-endpoint"), Usage: "the proxy's WireGuard endpoint as nodes reach it, HOST:PORT (default: --public-host with the --wg-listen port)"},
+			&cli.StringFlag{Name: "memory-limit", Value: "480MiB", EnvVars: env("memory-limit"),
+				Usage: "soft memory limit of the server, e.g. 256MiB or 2GiB; 0 = none (GOMEMLIMIT, if set, wins). The default keeps 10,000 nodes under 512 MiB"},
 		}, append(proxyFlags(), logFlags()...)...),
 		Action: runServer,
 	}
@@ -74,6 +76,11 @@ func runServer(c *cli.Context) error {
 	if c.Duration("quarantine") < 0 {
 		return usageError("--quarantine must not be negative")
 	}
+	limit, err := parseSize(c.String("memory-limit"))
+	if err != nil {
+		return usageError("--memory-limit: %v", err)
+	}
+	node.SetMemoryLimit(limit)
 	dir := c.String("data-dir")
 	wgPort, err := udpPort(c.String("wg-listen"))
 	if err != nil {
