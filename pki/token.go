@@ -61,7 +61,8 @@ func ParseSecret(kind, secret string) (id string, hash [32]byte, err error) {
 	if _, err := hex.DecodeString(id); err != nil || strings.ToLower(id) != id {
 		return "", hash, fmt.Errorf("%w: bad id", ErrMalformedSecret)
 	}
-	if _, err := b32.DecodeString(strings.ToUpper(s)); err != nil || strings.ToLower(s) != s {
+	// The decoder skips line breaks: only 20 decoded bytes mean 32 digits.
+	if raw, err := b32.DecodeString(strings.ToUpper(s)); err != nil || len(raw) != secretBytes || strings.ToLower(s) != s {
 		return "", hash, fmt.Errorf("%w: bad secret part", ErrMalformedSecret)
 	}
 	return id, sha256.Sum256([]byte(s)), nil
