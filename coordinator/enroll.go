@@ -163,6 +163,11 @@ func validateWireGuardKey(k string) error {
 	if err != nil {
 		return errf(http.StatusBadRequest, wire.CodeBadRequest, "wireguard_key is not a base64 WireGuard public key: %v", err)
 	}
+	// One key, one spelling: the decoder skips line breaks and ignores the
+	// padding bits, and the store refuses a registered key by its string.
+	if key.String() != k {
+		return errf(http.StatusBadRequest, wire.CodeBadRequest, "wireguard_key is not in canonical base64 (want %q)", key.String())
+	}
 	if key == (wgtypes.Key{}) {
 		return errf(http.StatusBadRequest, wire.CodeBadRequest, "wireguard_key is all zeros")
 	}
