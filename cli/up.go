@@ -160,6 +160,8 @@ func parseSize(s string) (int64, error) {
 	}
 	if v := n * mult; v > 0 && v < 8<<20 {
 		return 0, fmt.Errorf("%q is below 8MiB, too small for the agent (0 = no limit)", s)
+	} else if v >= 1<<63 { // would not fit an int64 (and came back negative)
+		return 0, fmt.Errorf("%q is too large (0 = no limit)", s)
 	}
 	return int64(n * mult), nil
 }
