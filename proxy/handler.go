@@ -49,6 +49,10 @@ type HandlerOptions struct {
 	// ResponseHeaderTimeout bounds the wait for a backend's response
 	// headers once the request is sent; 0 means 60s.
 	ResponseHeaderTimeout time.Duration
+	// BodyReadTimeout cuts a request whose body stalls, sending no byte
+	// for this long (else a client could hold a backend connection open at
+	// no cost); the client gets 408. 0 means 60s.
+	BodyReadTimeout time.Duration
 	// Observe, if set, is called once per request after it completes (for
 	// metrics): the route's host ("" when unknown), the status, the bytes
 	// of response body written and the duration.
@@ -84,6 +88,9 @@ func NewHandler(o HandlerOptions) (*Handler, error) {
 	}
 	if o.ResponseHeaderTimeout <= 0 {
 		o.ResponseHeaderTimeout = 60 * time.Second
+	}
+	if o.BodyReadTimeout <= 0 {
+		o.BodyReadTimeout = 60 * time.Second
 	}
 	h := &Handler{o: o, log: o.Logger, active: connSet{m: map[netip.AddrPort]map[*trackedConn]struct{}{}}}
 	if h.log == nil {
@@ -168,7 +175,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	dropH2CUpgrade(r.Header)
 	if r.Body != nil && r.Body != http.NoBody {
-		rec.body = &bodyReader{ReadCloser: r.Body}
+		rec.body = &bodyReader{ReadCloser: r.Body, rc: http.NewResponseController(w), timeout: h.o.BodyReadTimeout}
 		r.Body = rec.body
 	}
 	h.proxy.ServeHTTP(rec, r.WithContext(context.WithValue(r.Context(), routeKey{}, rt)))
@@ -190,17 +197,27 @@ func dropH2CUpgrade(h http.Header) {
 	}
 }
 
-// bodyReader notes a client's request body that failed to read (malformed
-// chunked encoding), so that the client gets 400 rather than a 502 that
-// blames the device.
+// bodyReader cuts a request body that stalls for longer than timeout, and
+// notes one that failed to read (stalled, or malformed chunked encoding),
+// so that the client gets 408 or 400 rather than a 502 that blames the
+// device.
 type bodyReader struct {
 	io.ReadCloser
-	failed atomic.Bool
+	rc      *http.ResponseController
+	timeout time.Duration
+	failed  atomic.Bool
+	timeOut atomic.Bool
 }
 
 func (b *bodyReader) Read(p []byte) (int, error) {
+	b.rc.SetReadDeadline(time.Now().Add(b.timeout))
 	n, err := b.ReadCloser.Read(p)
-	if err != nil && err != io.EOF && !errors.Is(err, http.ErrBodyReadAfterClose) {
+	switch {
+	case err == io.EOF:
+		// What the connection reads next is not this body.
+		b.rc.SetReadDeadline(time.Time{})
+	case err != nil && !errors.Is(err, http.ErrBodyReadAfterClose):
+		b.timeOut.Store(isTimeout(err))
 		b.failed.Store(true)
 	}
 	return n, err
@@ -336,7 +353,15 @@ func (h *Handler) proxyError(w http.ResponseWriter, r *http.Request, err error) 
 	rec := w.(*recorder)
 	rec.reason = err.Error()
 	var de *dialError
+	fresh := rec.status == 0 && !rec.hijacked
 	switch {
+	case fresh && rec.body != nil && rec.body.timeOut.Load():
+		// Before "client gone": the cut cancels the request's context.
+		rec.reason = "request body stalled: " + err.Error()
+		writePage(rec, http.StatusRequestTimeout, "Request timeout", "The request body did not arrive in time.")
+	case fresh && rec.body != nil && rec.body.failed.Load() && r.Context().Err() == nil:
+		rec.reason = "bad request body: " + err.Error()
+		writePage(rec, http.StatusBadRequest, "Bad request", "The request body could not be read.")
 	case errors.Is(r.Context().Err(), context.Canceled):
 		rec.reason = "client gone: " + err.Error()
 		if rec.status == 0 {
@@ -344,9 +369,6 @@ func (h *Handler) proxyError(w http.ResponseWriter, r *http.Request, err error) 
 		}
 	case rec.hijacked || rec.status != 0:
 		// Too late for an error page.
-	case rec.body != nil && rec.body.failed.Load():
-		rec.reason = "bad request body: " + err.Error()
-		writePage(rec, http.StatusBadRequest, "Bad request", "The request body could not be read.")
 	case errors.As(err, &de):
 		writePage(rec, http.StatusBadGateway, "Device not reachable", "This device is not reachable right now. Try again later.")
 	case errors.Is(err, context.DeadlineExceeded) || isTimeout(err):

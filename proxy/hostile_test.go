@@ -682,3 +682,104 @@ func TestHostileWebSocketFlood(t *testing.T) {
 	e.h.transport.CloseIdleConnections()
 	waitGoroutines(t, base, 5, "after the WebSocket flood")
 }
+
+// TestHostileSlowBody: a request body that stalls is cut after the body
+// read timeout with 408 and the backend's request ends; a slow but steady
+// upload and a long response after an upload are not cut.
+func TestHostileSlowBody(t *testing.T) {
+	const timeout = 300 * time.Millisecond
+	var inflight, cut atomic.Int32
+	_, p := backend(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		inflight.Add(1)
+		defer inflight.Add(-1)
+		n, err := io.Copy(io.Discard, r.Body)
+		if err != nil {
+			cut.Add(1)
+			return
+		}
+		if r.URL.Path == "/stream" { // a slow response, longer than the timeout
+			for i := range 8 {
+				fmt.Fprintf(w, "%d\n", i)
+				http.NewResponseController(w).Flush()
+				time.Sleep(timeout / 2)
+			}
+			return
+		}
+		fmt.Fprintf(w, "%d", n)
+	}))
+	e := newEnv(t, func(o *HandlerOptions) { o.Observe = nil; o.BodyReadTimeout = timeout }, nodePeer("pi1", svc("web", p)))
+	addr := hostileFront(t, e.h, nil, 5*time.Second, 5*time.Second)
+	const host = "Host: pi1.example.com\r\n"
+	base := runtime.NumGoroutine()
+
+	dial := func() (net.Conn, *bufio.Reader) {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		return c, bufio.NewReader(c)
+	}
+	read := func(br *bufio.Reader) (int, string, error) {
+		res, err := http.ReadResponse(br, nil)
+		if err != nil {
+			return 0, "", err
+		}
+		defer res.Body.Close()
+		b, err := io.ReadAll(res.Body)
+		return res.StatusCode, string(b), err
+	}
+
+	for name, payload := range map[string]string{
+		"stalled body":         "POST /up HTTP/1.1\r\n" + host + "Content-Length: 100\r\n\r\n0123456789",
+		"stalled chunked body": "POST /up HTTP/1.1\r\n" + host + "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+	} {
+		c, br := dial()
+		start := time.Now()
+		io.WriteString(c, payload)
+		code, body, err := read(br)
+		took := time.Since(start)
+		if err != nil || code != http.StatusRequestTimeout {
+			t.Errorf("%s: %d %q %v, want 408", name, code, body, err)
+		}
+		if took < timeout-50*time.Millisecond || took > timeout+3*time.Second {
+			t.Errorf("%s: answered after %v, want about %v", name, took, timeout)
+		}
+		t.Logf("%s: %d after %v", name, code, took)
+		c.Close()
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for inflight.Load() != 0 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if n := inflight.Load(); n != 0 || cut.Load() != 2 {
+		t.Fatalf("backend: %d requests still in flight, %d cut; want 0 and 2", n, cut.Load())
+	}
+
+	// Steady: a byte every timeout/4, four times the timeout in all.
+	c, br := dial()
+	io.WriteString(c, "POST /up HTTP/1.1\r\n"+host+"Content-Length: 16\r\n\r\n")
+	tick := time.NewTicker(timeout / 4)
+	for range 16 {
+		<-tick.C
+		c.Write([]byte{'x'})
+	}
+	tick.Stop()
+	if code, body, err := read(br); code != 200 || body != "16" || err != nil {
+		t.Fatalf("steady slow upload: %d %q %v, want 200 \"16\"", code, body, err)
+	}
+	// A response that streams for longer than the timeout after an upload,
+	// then another request on the same connection.
+	io.WriteString(c, "POST /stream HTTP/1.1\r\n"+host+"Content-Length: 2\r\n\r\nhi")
+	if code, body, err := read(br); code != 200 || strings.Count(body, "\n") != 8 || err != nil {
+		t.Fatalf("long response after an upload: %d %q %v", code, body, err)
+	}
+	io.WriteString(c, "POST /up HTTP/1.1\r\n"+host+"Content-Length: 2\r\n\r\nhi")
+	if code, body, err := read(br); code != 200 || body != "2" || err != nil {
+		t.Fatalf("next request on the connection: %d %q %v", code, body, err)
+	}
+	c.Close()
+	e.h.transport.CloseIdleConnections()
+	waitGoroutines(t, base, 5, "after the slow bodies")
+}
