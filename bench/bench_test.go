@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 // TestMain lets the test binary play the bench's helper roles, as the
@@ -46,7 +47,7 @@ func TestQuick(t *testing.T) {
 		t.Skip("set MESHCTL_BENCH=1 to run the bench in -quick mode")
 	}
 	out := filepath.Join(t.TempDir(), "benchmarks.md")
-	o := options{out: out, log: testWriter{t}}
+	o := options{out: out, log: testWriter{t}, coordNodes: 200}
 	o.setQuick()
 	if err := run(context.Background(), o); err != nil {
 		t.Fatal(err)
@@ -55,7 +56,7 @@ func TestQuick(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"## Machine", "mesh: proxy → pi1", "## Bulk TCP", "## Memory"} {
+	for _, want := range []string{"## Machine", "mesh: proxy → pi1", "## Bulk TCP", "## Memory", "## Coordinator at scale", "## Targets"} {
 		if !strings.Contains(string(b), want) {
 			t.Errorf("report lacks %q:\n%s", want, b)
 		}
@@ -67,4 +68,29 @@ type testWriter struct{ t *testing.T }
 func (w testWriter) Write(b []byte) (int, error) {
 	w.t.Log(strings.TrimRight(string(b), "\n"))
 	return len(b), nil
+}
+
+// TestTargetsVerdicts checks the targets table against figures made up for
+// the purpose: one target met, one missed by a known amount.
+func TestTargetsVerdicts(t *testing.T) {
+	s := &session{o: options{after: 30 * time.Second}, res: results{}, mem: newMemory()}
+	for i, v := range []float64{9000, 8500, 8800} { // mesh at 0.9×, 0.85×, 0.88×
+		s.res.add("1k.rps", "revproxy", i, 10000)
+		s.res.add("1k.rps", "mesh", i, v)
+	}
+	for i := range 3 {
+		s.res.add("1m.mbps", "mesh", i, 150) // half the 300 MB/s target
+	}
+	var b strings.Builder
+	s.targetsSection(&b)
+	out := b.String()
+	for _, want := range []string{
+		"| 1 KiB, proxy → mesh → node: ≥ 0.8× the tuned ReverseProxy | 0.880× | met |",
+		"| 1 MiB, proxy → mesh → node, netstack both ends: ≥ 300 MB/s | 150 MB/s | **not met** (50% short) |",
+		"coordinator targets | not run",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("targets lack %q:\n%s", want, out)
+		}
+	}
 }

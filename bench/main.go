@@ -19,15 +19,16 @@ import (
 
 // options are the command-line flags.
 type options struct {
-	out      string        // the Markdown report ("" = stdout)
-	quick    bool          // short runs, one of each
-	runs     int           // interleaved runs per figure
-	duration time.Duration // one wrk run
-	bulk     time.Duration // one bulk TCP run
-	after    time.Duration // wait after the load before the last RSS sample
-	meshctl  string        // a meshctl binary to use instead of building one
-	keep     bool          // keep the work directory (logs, state)
-	log      io.Writer     // progress
+	out        string        // the Markdown report ("" = stdout)
+	quick      bool          // short runs, one of each
+	runs       int           // interleaved runs per figure
+	duration   time.Duration // one wrk run
+	bulk       time.Duration // one bulk TCP run
+	after      time.Duration // wait after the load before the last RSS sample
+	meshctl    string        // a meshctl binary to use instead of building one
+	keep       bool          // keep the work directory (logs, state)
+	coordNodes int           // simulated nodes of the coordinator run (0 = skip it)
+	log        io.Writer     // progress
 }
 
 func main() {
@@ -43,6 +44,7 @@ func main() {
 	flag.DurationVar(&o.after, "after", 30*time.Second, "wait after the last load before the final memory sample")
 	flag.StringVar(&o.meshctl, "meshctl", "", "use this meshctl binary instead of building ./cmd/meshctl")
 	flag.BoolVar(&o.keep, "keep", false, "keep the work directory (logs and state) and print its path")
+	flag.IntVar(&o.coordNodes, "coord-nodes", 10000, "simulated nodes of the coordinator-at-scale run (bench/coordload; -quick: 1000; 0 = skip it)")
 	flag.Usage = func() {
 		fmt.Fprintf(flag.CommandLine.Output(), `Usage: go run ./bench [flags]
 
@@ -77,6 +79,9 @@ Flags:
 // setQuick makes o a smoke run: 2 s per figure, one run each.
 func (o *options) setQuick() {
 	o.quick, o.runs, o.duration, o.bulk, o.after = true, 1, 2*time.Second, 2*time.Second, 5*time.Second
+	if o.coordNodes > 1000 {
+		o.coordNodes = 1000
+	}
 }
 
 // run runs the whole benchmark and writes the report.
@@ -116,6 +121,12 @@ func run(ctx context.Context, o options) (err error) {
 	}
 	if err := s.measure(ctx); err != nil {
 		return err
+	}
+	s.tearDown() // the coordinator run gets the machine to itself
+	if o.coordNodes > 0 {
+		if s.coord, err = runCoordLoad(ctx, o, dir); err != nil {
+			return err
+		}
 	}
 	info, err := machineInfo(bin, src, w.bin, load)
 	if err != nil {

@@ -222,9 +222,13 @@ func (m *memory) record(phase string, procs []*proc) {
 	if m.rss[phase] == nil {
 		m.rss[phase] = map[*proc]int64{}
 	}
+	if m.rss[phase+".anon"] == nil {
+		m.rss[phase+".anon"] = map[*proc]int64{}
+	}
 	for _, p := range procs {
-		if v, err := rssBytes(p.pid()); err == nil && v > m.rss[phase][p] {
+		if v, anon, err := rssBytes(p.pid()); err == nil && v > m.rss[phase][p] {
 			m.rss[phase][p] = v
+			m.rss[phase+".anon"][p] = anon // at the sample of the highest VmRSS
 		}
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -35,10 +36,11 @@ type mesh struct {
 
 // node is one `meshctl up` agent.
 type node struct {
-	name  string
-	state string // its state dir
-	proc  *proc
-	ipv4  string
+	name    string
+	state   string // its state dir
+	proc    *proc
+	ipv4    string
+	noLimit bool // runs with --memory-limit 0, not the default budget
 }
 
 type tokenJSON struct {
@@ -139,7 +141,7 @@ func (m *mesh) cli(ctx context.Context, args ...string) ([]byte, error) {
 // addNode enrolls a node called name and starts `meshctl up` for it with
 // the extra flags; it waits until the agent answers `meshctl status`.
 func (m *mesh) addNode(ctx context.Context, name string, flags ...string) (*node, error) {
-	n := &node{name: name, state: filepath.Join(m.dir, name)}
+	n := &node{name: name, state: filepath.Join(m.dir, name), noLimit: slices.Contains(flags, "--memory-limit")}
 	enroll := []string{"enroll", "--coordinator", m.token.Coordinator, "--ca-pin", m.token.CAPin,
 		"--name", name, "--state-dir", n.state}
 	if !m.enrolled {

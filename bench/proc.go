@@ -175,19 +175,34 @@ func cpuSeconds(pid int) (float64, error) {
 	return float64(ut+st) / 100, nil
 }
 
-// rssBytes is a process's resident set size (VmRSS).
-func rssBytes(pid int) (int64, error) {
+// rssBytes is a process's resident set size (VmRSS) and the anonymous
+// part of it (RssAnon: heap, stacks; the rest is mostly the binary's own
+// pages, shared by every meshctl process and reclaimable).
+func rssBytes(pid int) (rss, anon int64, err error) {
 	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
+	found := 0
 	for line := range strings.Lines(string(b)) {
-		if rest, ok := strings.CutPrefix(line, "VmRSS:"); ok {
-			kb, err := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(rest), " kB"), 10, 64)
-			return kb << 10, err
+		for _, f := range []struct {
+			key string
+			dst *int64
+		}{{"VmRSS:", &rss}, {"RssAnon:", &anon}} {
+			if rest, ok := strings.CutPrefix(line, f.key); ok {
+				kb, err := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(rest), " kB"), 10, 64)
+				if err != nil {
+					return 0, 0, fmt.Errorf("/proc/%d/status: %s %w", pid, f.key, err)
+				}
+				*f.dst = kb << 10
+				found++
+			}
 		}
 	}
-	return 0, fmt.Errorf("/proc/%d/status: no VmRSS", pid)
+	if found != 2 {
+		return 0, 0, fmt.Errorf("/proc/%d/status: no VmRSS or RssAnon", pid)
+	}
+	return rss, anon, nil
 }
 
 // freePort returns a port that was free on 127.0.0.1 for network "tcp"

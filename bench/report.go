@@ -173,14 +173,22 @@ func (s *session) report(w io.Writer, mach machine) {
 			rows = append(rows, []string{b.label, seenText(b.seen), b.wgPath})
 		}
 	}
-	p("Carried by (from the WireGuard counters of pi2, or pi5 for TUN):\n\n")
+	p("Carried by (from the WireGuard counters of the SOCKS5 node, or pi5 for TUN):\n\n")
 	mdTable(w, "lll", []string{"path", "carried by", "WireGuard path (`meshctl status`)"}, rows)
 
 	p("## Memory (RSS)\n\n")
 	p("VmRSS from /proc/PID/status, MiB: *idle* once every path was checked and\n")
 	p("before any load; the maximum of samples every 200 ms during all 1 MiB\n")
-	p("HTTP runs, and during all bulk runs; and %s after the last load.\n\n", s.o.after)
+	p("HTTP runs, and during all bulk runs; and %s after the last load. In\n", s.o.after)
+	p("brackets: RssAnon at that sample, the process's own memory (heap, stacks);\n")
+	p("the rest is mostly pages of the meshctl binary, shared by every meshctl\n")
+	p("process on the machine and reclaimable.\n\n")
 	s.memTable(w)
+
+	if s.coord != nil {
+		s.coordSection(w)
+	}
+	s.targetsSection(w)
 
 	p("## Commands\n\n")
 	p("The ports are those of this run (picked free each time). The work\n")
@@ -193,6 +201,9 @@ func (s *session) report(w io.Writer, mach machine) {
 	}
 	for _, b := range s.bulk {
 		p("%s=%s bench -streams N -duration %s %s\n", roleEnv, roleBulk, s.o.bulk, shellJoin(b.args))
+	}
+	if s.coord != nil {
+		p("go build -o coordload ./bench/coordload && ./coordload %s\n", strings.Join(s.o.coordArgs(), " "))
 	}
 	p("```\n\n")
 	p("The backend (`%s=%s bench`) serves `%s` and `%s` (Go net/http, fixed\n", roleEnv, roleBackend, path1K, path1M)
@@ -273,7 +284,8 @@ func (s *session) memTable(w io.Writer) {
 		if !ok {
 			return "–"
 		}
-		return fmt.Sprintf("%.1f", float64(v)/(1<<20))
+		anon, _ := s.mem.get(phase+".anon", p)
+		return fmt.Sprintf("%.1f (%.1f)", float64(v)/(1<<20), float64(anon)/(1<<20))
 	}
 	var rows [][]string
 	for _, p := range s.meshProcs() {
@@ -291,6 +303,8 @@ func (s *session) nodeRoles() string {
 		"pi3": "netstack, --fallback always",
 		"pi4": "netstack, --fallback always with its UDP dropped",
 		"pi5": "--tun " + tunName,
+		"pi6": "netstack, --memory-limit 0, SOCKS5 client of its bulk row",
+		"pi7": "netstack, --memory-limit 0, serves the backend and the source like pi1",
 	}
 	var parts []string
 	for _, n := range s.nodes {

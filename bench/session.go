@@ -40,6 +40,7 @@ type session struct {
 
 	res     results
 	mem     *memory
+	coord   *coordResult // the coordinator at scale (nil = not run)
 	elapsed time.Duration
 }
 
@@ -61,8 +62,9 @@ type bulkPath struct {
 	key, label string
 	args       []string // the bulk client's -addr/-socks flags
 	via        *node    // a node whose WireGuard must carry the bytes (nil = none)
+	peer       string   // the node via reaches (its source): pi1 or pi7
 	seen       map[string]int
-	wgPath     string // via's WireGuard path to pi1, from its status
+	wgPath     string // via's WireGuard path to peer, from its status
 }
 
 // The paths the proxy can take to a node, as observed from the node's
@@ -135,13 +137,32 @@ func (s *session) setUp(ctx context.Context, bin string) error {
 	pi1Source := pi1.ipv4 + ":" + sourcePort
 	s.bulk = append(s.bulk,
 		&bulkPath{key: "loopback", label: "loopback (baseline)", args: []string{"-addr", s.backend.Source}},
-		&bulkPath{key: "mesh", label: "mesh: pi2 SOCKS5 → pi1 (netstack both ends)", args: []string{"-socks", socks, "-addr", pi1Source}, via: pi2})
+		&bulkPath{key: "mesh", label: "mesh: pi2 SOCKS5 → pi1 (netstack both ends)", args: []string{"-socks", socks, "-addr", pi1Source}, via: pi2, peer: "pi1"})
 
 	pi3, err := s.addNode(ctx, "pi3", "--fallback", "always", "--expose", web)
 	if err != nil {
 		return err
 	}
 	s.http = append(s.http, &httpTarget{key: "fallback", label: "SSH fallback: proxy → pi3 (--fallback always, UDP open)", url: proxyURL, host: "pi3.localhost", node: pi3, fallback: true})
+
+	// The same mesh paths without the agents' memory limit, to show what
+	// the default 64 MiB limit costs in speed and saves in memory.
+	pi7, err := s.addNode(ctx, "pi7", "--memory-limit", "0", "--expose", web, "--expose", "bulk="+s.backend.Source)
+	if err != nil {
+		return err
+	}
+	s.http = append(s.http, &httpTarget{key: "mesh-nolimit", label: "mesh: proxy → pi7 (netstack, --memory-limit 0)", url: proxyURL, host: "pi7.localhost", node: pi7, want: pathWG})
+	socks6Port, err := freePort("tcp")
+	if err != nil {
+		return err
+	}
+	socks6 := "127.0.0.1:" + strconv.Itoa(socks6Port)
+	pi6, err := s.addNode(ctx, "pi6", "--memory-limit", "0", "--socks5", socks6)
+	if err != nil {
+		return err
+	}
+	s.bulk = append(s.bulk, &bulkPath{key: "mesh-nolimit", label: "mesh: pi6 SOCKS5 → pi7 (--memory-limit 0 both ends)",
+		args: []string{"-socks", socks6, "-addr", pi7.ipv4 + ":" + sourcePort}, via: pi6, peer: "pi7"})
 
 	if os.Geteuid() != 0 {
 		s.notes = append(s.notes, "Not run as root: the TUN rows and the SSH fallback with UDP blocked were skipped.")
@@ -176,7 +197,7 @@ func (s *session) addRootNodes(ctx context.Context, proxyURL, web, pi1Source str
 		return err
 	}
 	s.http = append(s.http, &httpTarget{key: "tun", label: "TUN: proxy (netstack) → pi5 (--tun)", url: proxyURL, host: "pi5.localhost", node: pi5, want: pathWG})
-	s.bulk = append(s.bulk, &bulkPath{key: "tun", label: "TUN: host → pi5 TUN → pi1 (netstack)", args: []string{"-addr", pi1Source}, via: pi5})
+	s.bulk = append(s.bulk, &bulkPath{key: "tun", label: "TUN: host → pi5 TUN → pi1 (netstack)", args: []string{"-addr", pi1Source}, via: pi5, peer: "pi1"})
 	return nil
 }
 
@@ -194,6 +215,7 @@ func (s *session) tearDown() {
 	s.ps.stopAll()
 	if s.unblock != nil {
 		s.unblock()
+		s.unblock = nil
 	}
 }
 
@@ -264,7 +286,7 @@ func (s *session) check(ctx context.Context) error {
 	}
 	for _, b := range s.bulk {
 		if b.via != nil {
-			b.wgPath = s.mesh.peerPath(ctx, b.via, "pi1")
+			b.wgPath = s.mesh.peerPath(ctx, b.via, b.peer)
 		}
 	}
 	return nil

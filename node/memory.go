@@ -2,6 +2,7 @@ package node
 
 import (
 	"os"
+	"runtime"
 	"runtime/debug"
 	"runtime/metrics"
 	"time"
@@ -29,23 +30,51 @@ func SetMemoryLimit(limit int64) int64 {
 	return debug.SetMemoryLimit(-1)
 }
 
-// trimLoop returns free heap memory to the OS once traffic has calmed
-// down (less than 1 MiB allocated in a 5 s window), so RSS falls back
-// after load instead of staying at its peak until the next forced GC.
+// trimLoop gives memory back to the OS once traffic has calmed down
+// (less than 1 MiB allocated in a 5 s window), so that RSS falls after
+// load instead of staying at its peak: an idle agent allocates too little
+// for the collector ever to run again, and what the load left behind
+// (wireguard-go's pooled 64 KiB buffers, the network stack's) stays
+// reachable from sync.Pools, which a collection only empties on its
+// second pass. So, once per calm spell after a busy one: two collections
+// and then debug.FreeOSMemory.
 func (a *Agent) trimLoop() {
-	samples := []metrics.Sample{
-		{Name: "/gc/heap/allocs:bytes"},
-		{Name: "/memory/classes/heap/free:bytes"}, // free, not yet returned
-	}
+	samples := []metrics.Sample{{Name: "/gc/heap/allocs:bytes"}}
 	metrics.Read(samples)
-	lastAllocs := samples[0].Value.Uint64()
+	t := trimmer{last: samples[0].Value.Uint64()}
 	for a.ctx.Err() == nil {
 		a.sleep(5 * time.Second)
 		metrics.Read(samples)
-		allocs, free := samples[0].Value.Uint64(), samples[1].Value.Uint64()
-		if allocs-lastAllocs < 1<<20 && free > 4<<20 {
-			debug.FreeOSMemory()
+		if t.observe(samples[0].Value.Uint64()) {
+			trimMemory()
 		}
-		lastAllocs = allocs
 	}
+}
+
+// trimmer decides when to trim from the allocation counter sampled every
+// window: once, in the first calm window (< calmBytes allocated) after a
+// busy one.
+type trimmer struct {
+	last uint64 // the counter at the previous sample
+	busy bool   // a busy window since the last trim
+}
+
+const calmBytes = 1 << 20
+
+func (t *trimmer) observe(allocs uint64) (trim bool) {
+	calm := allocs-t.last < calmBytes
+	t.last = allocs
+	if !calm {
+		t.busy = true
+		return false
+	}
+	trim, t.busy = t.busy, false
+	return trim
+}
+
+// trimMemory empties sync.Pools (two collections) and returns the freed
+// heap to the OS.
+func trimMemory() {
+	runtime.GC()
+	debug.FreeOSMemory() // the second collection, then the release
 }
