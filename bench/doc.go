@@ -38,13 +38,15 @@
 //   - TUN (root): node pi5 with `meshctl up --tun`; the server's proxy has
 //     no TUN option and stays on its netstack, so this row is netstack →
 //     TUN.
+//   - mesh without the memory budget: the mesh row to pi7, which runs with
+//     `--memory-limit 0`, to show what the default 64 MiB limit costs.
 //
 // Bulk TCP (1 and 4 streams, 10 s): a byte source in the backend process
 // sends a fixed pattern as fast as the receiver reads; a client process
 // counts the bytes it receives. Paths: loopback (baseline, straight to the
 // source); mesh (node pi2's SOCKS5 listener → WireGuard → pi1's exposed
-// service → the source: node to node, netstack both ends, no proxy);
-// and, as root, TUN (the host's kernel → pi5's TUN → WireGuard → pi1).
+// service → the source: node to node, netstack both ends, no proxy); the
+// same between pi6 and pi7, both with `--memory-limit 0`; and, as root, TUN (the host's kernel → pi5's TUN → WireGuard → pi1).
 // Each row gives MB/s and CPU-seconds per GB moved: the utime+stime of
 // all meshctl processes (from /proc/PID/stat, before and after the run),
 // and that plus the two endpoints' (source process, client process), so
@@ -54,7 +56,19 @@
 // Memory: VmRSS of every meshctl process (server and nodes) once idle
 // (after set-up and the path checks, before any load), its maximum
 // sampled every 200 ms during the 1 MiB HTTP runs and during the bulk
-// runs, and again 30 s after the last load.
+// runs, and again 30 s after the last load; beside each, RssAnon at that
+// sample (the process's own memory; the rest of VmRSS is mostly the
+// binary's pages, shared and reclaimable).
+//
+// Coordinator at scale: once the data plane is measured and its processes
+// are stopped, bench/coordload runs (-coord-nodes, default 10,000; 1,000
+// with -quick; 0 skips it) against a coordinator of its own in a child
+// process with the server's default soft memory limit: enrollments/s,
+// revocation to the last watcher, bytes and CPU per change, RSS, in the
+// mesh and the hub topology.
+//
+// Targets: the report ends with the issue's targets, each checked against
+// this run's medians (met, or how far off).
 //
 // # Runs and ratios
 //
