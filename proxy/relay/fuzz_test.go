@@ -121,7 +121,7 @@ func FuzzServerFrames(f *testing.F) {
 				mu.Unlock()
 			}
 		}()
-		waitFor(t, func() bool { return slices.Contains(s.Connected(), "b") }, "b to connect")
+		poll(t, func() bool { return slices.Contains(s.Connected(), "b") }, "b to connect")
 
 		err = s.ServeConn("a", &fuzzStream{r: bytes.NewReader(input)})
 		frames, bad := splitFrames(input, frameSend, maxPacket)
@@ -138,7 +138,7 @@ func FuzzServerFrames(f *testing.F) {
 		if int(st.Forwarded+st.DropQueue) != len(want) {
 			t.Fatalf("%d packets for b, %d forwarded and %d dropped at the queue", len(want), st.Forwarded, st.DropQueue)
 		}
-		waitFor(t, func() bool { mu.Lock(); defer mu.Unlock(); return uint64(len(got)) == st.Forwarded }, "b to receive what was forwarded")
+		poll(t, func() bool { mu.Lock(); defer mu.Unlock(); return uint64(len(got)) == st.Forwarded }, "b to receive what was forwarded")
 		s.Close()
 		<-recvDone
 		i := 0
@@ -152,6 +152,19 @@ func FuzzServerFrames(f *testing.F) {
 			i++
 		}
 	})
+}
+
+// poll waits for cond (5 s at most), checking often: a fuzz run executes
+// the target thousands of times.
+func poll(t *testing.T, cond func() bool, what string) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(50 * time.Microsecond)
+	}
 }
 
 // FuzzClient decodes arbitrary bytes as the relay's stream to a node and
