@@ -102,6 +102,7 @@ type Agent struct {
 	uapiLn    net.Listener
 	ctlLn     net.Listener
 	socks     *socks5.Server
+	gate      *inflight.Gate // bounds packets in flight through a.dev
 	fb        *fallback
 	fwds      []*forwarder
 	isLocal   func(netip.Addr) bool
@@ -249,11 +250,11 @@ func (a *Agent) Start() (err error) {
 	}
 	// The gate keeps wireguard-go's queues short: see node/inflight. A
 	// kernel TUN keeps its own read batch, which TSO segments need.
-	gate := inflight.New(0)
+	a.gate = inflight.New(0)
 	if a.opts.TUN != "" {
-		gate = inflight.NewWithReadBatch(0, 0)
+		a.gate = inflight.NewWithReadBatch(0, 0)
 	}
-	a.dev = device.NewDevice(gate.Device(a.plane.Device()), gate.Bind(a.bind), wgLogger(a.log))
+	a.dev = device.NewDevice(a.gate.Device(a.plane.Device()), a.gate.Bind(a.bind), wgLogger(a.log))
 	if err := a.dev.IpcSet(wgconf.FullConfig(a.state.WireGuardKey(), a.opts.ListenPort, nil)); err != nil {
 		return fmt.Errorf("configure WireGuard: %w", err)
 	}

@@ -30,6 +30,23 @@ type Status struct {
 	// Fallback says whether the services are served through SSH because
 	// UDP to the proxy is blocked, and why.
 	Fallback FallbackStatus `json:"fallback"`
+	// DataPlane has counters of the packet path, for diagnosing speed.
+	DataPlane DataPlaneStatus `json:"dataplane"`
+}
+
+// DataPlaneStatus counts how often the packet path had to hold packets
+// back or dropped them (node/inflight and node/fastnet explain each).
+type DataPlaneStatus struct {
+	// OutboundWaits and InboundWaits count reads that waited because the
+	// most packets allowed in flight through WireGuard were; Resets count
+	// waits ended by forgetting packets WireGuard had dropped.
+	OutboundWaits  uint64 `json:"outbound_waits"`
+	OutboundResets uint64 `json:"outbound_resets"`
+	InboundWaits   uint64 `json:"inbound_waits"`
+	InboundResets  uint64 `json:"inbound_resets"`
+	// QueueDrops (netstack only) counts packets the network stack sent
+	// while the queue to WireGuard was full.
+	QueueDrops uint64 `json:"queue_drops"`
 }
 
 // FallbackText is the fallback state in words, empty when not active.
@@ -87,6 +104,13 @@ func (a *Agent) Status() (Status, error) {
 	}
 	if a.fb != nil {
 		out.Fallback = a.fb.status()
+	}
+	if a.gate != nil {
+		o, in := a.gate.Stats()
+		out.DataPlane = DataPlaneStatus{OutboundWaits: o.Waits, OutboundResets: o.Resets, InboundWaits: in.Waits, InboundResets: in.Resets}
+	}
+	if p, ok := a.plane.(*netstackPlane); ok {
+		out.DataPlane.QueueDrops = p.dev.Stats().QueueDrops
 	}
 	cur := a.applied.Load()
 	if cur == nil {
