@@ -14,19 +14,29 @@ import (
 // either the old content or the new, never a torn file: it writes a temp file
 // in the same directory with perm, fsyncs it, renames it over path and fsyncs
 // the directory.
+//
+// The temp file has one name per path (".NAME.tmp") and is flock'ed while
+// in use, so concurrent writers (goroutines or processes) take turns, and a
+// writer killed mid-write leaves at most that one file behind, which the
+// next write reuses. Random temp names would pile up with every crash, each
+// a stray copy of what may be a secret.
 func WriteFileAtomic(path string, data []byte, perm fs.FileMode) (err error) {
 	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
+	tmp := filepath.Join(dir, "."+filepath.Base(path)+".tmp")
+	f, err := lockedTemp(tmp)
 	if err != nil {
 		return fmt.Errorf("write %s: %w", path, err)
 	}
-	tmp := f.Name()
+	defer f.Close() // after the rename: closing releases the lock
+	renamed := false
 	defer func() {
-		if err != nil {
-			f.Close()
-			os.Remove(tmp)
+		if err != nil && !renamed {
+			os.Remove(tmp) // ours while we hold the lock; frees the space on ENOSPC
 		}
 	}()
+	if err = f.Truncate(0); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
 	if err = f.Chmod(perm); err != nil {
 		return fmt.Errorf("write %s: %w", path, err)
 	}
@@ -36,13 +46,41 @@ func WriteFileAtomic(path string, data []byte, perm fs.FileMode) (err error) {
 	if err = f.Sync(); err != nil {
 		return fmt.Errorf("write %s: sync: %w", path, err)
 	}
-	if err = f.Close(); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
 	if err = os.Rename(tmp, path); err != nil {
 		return fmt.Errorf("write %s: %w", path, err)
 	}
+	renamed = true
 	return syncDir(dir)
+}
+
+// lockedTemp opens (creating it 0600 if needed) the temp file tmp and
+// takes an exclusive flock on it. A writer that held the lock before us
+// has renamed or removed the file we opened; then it starts over with
+// the file now at tmp.
+func lockedTemp(tmp string) (*os.File, error) {
+	for range 1000 {
+		f, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|syscall.O_NOFOLLOW, 0o600)
+		if err != nil {
+			return nil, err
+		}
+		for {
+			err = syscall.Flock(int(f.Fd()), syscall.LOCK_EX)
+			if err != syscall.EINTR {
+				break
+			}
+		}
+		if err != nil {
+			f.Close()
+			return nil, fmt.Errorf("lock %s: %w", tmp, err)
+		}
+		fi, err1 := f.Stat()
+		li, err2 := os.Lstat(tmp)
+		if err1 == nil && err2 == nil && os.SameFile(fi, li) {
+			return f, nil
+		}
+		f.Close()
+	}
+	return nil, fmt.Errorf("lock %s: it keeps being replaced", tmp)
 }
 
 func syncDir(dir string) error {

@@ -233,6 +233,48 @@ func TestWriteFileAtomic(t *testing.T) {
 	}
 }
 
+// TestWriteFileAtomicConcurrent: writers of one file take turns on its
+// one temp file; every write succeeds, the file holds one whole write, and
+// nothing is left beside it. A temp file left by a killed writer is reused.
+func TestWriteFileAtomicConcurrent(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "state.json")
+	// What a writer killed mid-write leaves: the temp file, half written.
+	if err := os.WriteFile(filepath.Join(dir, ".state.json.tmp"), []byte("half a"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	const writers, rounds = 16, 20
+	errs := make(chan error, writers)
+	for w := range writers {
+		go func() {
+			content := []byte(strings.Repeat(string(rune('a'+w)), 1000+w))
+			for range rounds {
+				if err := WriteFileAtomic(p, content, 0o600); err != nil {
+					errs <- err
+					return
+				}
+			}
+			errs <- nil
+		}()
+	}
+	for range writers {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	b, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(b) < 1000 || strings.Count(string(b), string(b[:1])) != len(b) || len(b) != 1000+int(b[0]-'a') {
+		t.Fatalf("torn file: %d bytes starting %q", len(b), b[:min(len(b), 10)])
+	}
+	entries, _ := os.ReadDir(dir)
+	if len(entries) != 1 {
+		t.Fatalf("temp files left behind: %v", entries)
+	}
+}
+
 func TestEnsurePrivateDir(t *testing.T) {
 	d := filepath.Join(t.TempDir(), "a", "state")
 	if err := EnsurePrivateDir(d); err != nil {
