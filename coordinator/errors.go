@@ -60,6 +60,8 @@ func toAPIError(err error) *apiError {
 		return &apiError{status: http.StatusNotFound, code: wire.CodeNotFound, msg: "not found", cause: err}
 	case errors.Is(err, store.ErrSSHOnly):
 		return &apiError{status: http.StatusBadRequest, code: wire.CodeBadRequest, msg: "not possible for an SSH-only node", cause: err}
+	case errors.Is(err, store.ErrDiskFull):
+		return &apiError{status: http.StatusServiceUnavailable, code: wire.CodeUnavailable, msg: "the coordinator's disk is full, so nothing was written: retry once an admin has freed space on the disk of the server's data dir", cause: err}
 	case errors.Is(err, store.ErrRevoked):
 		return &apiError{status: http.StatusForbidden, code: wire.CodeRevoked, msg: "this node has been revoked", cause: err}
 	}

@@ -211,12 +211,13 @@ func New(opts Options) (s *Server, err error) {
 	if s.lock, err = lockDir(opts.DataDir); err != nil {
 		return nil, err
 	}
+	srv := s // s is nil once New returns an error
 	defer func() {
 		if err != nil {
-			if s.ownsStore {
-				s.opts.Store.Close()
+			if srv.ownsStore {
+				srv.opts.Store.Close()
 			}
-			s.lock.Close()
+			srv.lock.Close()
 		}
 	}()
 	if s.opts.Store == nil {

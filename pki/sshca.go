@@ -1,6 +1,7 @@
 package pki
 
 import (
+	"bytes"
 	"crypto/ed25519"
 	"crypto/rand"
 	"encoding/binary"
@@ -30,7 +31,12 @@ func LoadOrCreateSSHCA(dir string) (ssh.Signer, error) {
 		return nil, fmt.Errorf("SSH CA key: %w", err)
 	}
 	pub := ssh.MarshalAuthorizedKey(signer.PublicKey())
-	if err := WriteFileAtomic(filepath.Join(dir, SSHCAPubFile), pub, 0o600); err != nil {
+	// Rewritten only when it differs: a start needs no free disk space.
+	pubPath := filepath.Join(dir, SSHCAPubFile)
+	if old, err := ReadPrivateFile(pubPath); err == nil && bytes.Equal(old, pub) {
+		return signer, nil
+	}
+	if err := WriteFileAtomic(pubPath, pub, 0o600); err != nil {
 		return nil, err
 	}
 	return signer, nil

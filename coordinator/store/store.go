@@ -23,6 +23,9 @@ var (
 	ErrPoolExhausted = errors.New("address pool exhausted")
 	ErrRevoked       = errors.New("revoked")
 	ErrAmbiguous     = errors.New("ambiguous node reference") // a name that is also another node's id
+	// ErrDiskFull: a write failed for lack of disk space, and nothing of it
+	// was written. Backends name the file in the wrapping error.
+	ErrDiskFull = errors.New("disk full")
 	// ErrSSHOnly refuses an operation that SSH-only nodes do not support
 	// (RenameNode: their certificate names them; SetServiceVisibility of a
 	// service they were not certified for).
@@ -181,7 +184,8 @@ type Store interface {
 	RevokeToken(ctx context.Context, id string, now time.Time, actor string) error
 
 	// Enroll runs EnrollParams as one transaction and returns the new node.
-	// Errors: ErrTokenInvalid, ErrNameTaken, ErrKeyTaken, ErrPoolExhausted.
+	// Errors: ErrTokenInvalid, ErrNameTaken, ErrKeyTaken, ErrPoolExhausted,
+	// ErrDiskFull.
 	Enroll(ctx context.Context, p EnrollParams) (Node, error)
 
 	// AddSSHNode adds an SSH-only node, in one write transaction: if an

@@ -55,7 +55,7 @@ func (s *Store) Enroll(ctx context.Context, p store.EnrollParams) (store.Node, e
 	}
 	<-r.done
 	if r.err != nil {
-		return store.Node{}, fmt.Errorf("enroll %q: %w", p.Name, r.err)
+		return store.Node{}, fmt.Errorf("enroll %q: %w", p.Name, s.diskFull(r.err))
 	}
 	return r.node, nil
 }

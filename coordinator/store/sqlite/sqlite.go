@@ -23,6 +23,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/meshctl/meshctl/coordinator/store"
@@ -284,6 +285,7 @@ func (s *Store) migrate(ctx context.Context, migs []migration) error {
 // write runs fn in one write transaction on the writer connection and
 // commits if fn returns nil; otherwise it rolls back and returns fn's error.
 func (s *Store) write(ctx context.Context, fn func(*sql.Tx) error) (err error) {
+	defer func() { err = s.diskFull(err) }() // last: after the rollback
 	tx, err := s.writer.BeginTx(ctx, nil)
 	if err != nil {
 		return fmt.Errorf("begin transaction: %w", err)
@@ -302,6 +304,19 @@ func (s *Store) write(ctx context.Context, fn func(*sql.Tx) error) (err error) {
 		return fmt.Errorf("commit: %w", err)
 	}
 	return nil
+}
+
+// diskFull marks err with store.ErrDiskFull, naming the database file,
+// when SQLite or the file system ran out of space.
+func (s *Store) diskFull(err error) error {
+	if err == nil || errors.Is(err, store.ErrDiskFull) {
+		return err
+	}
+	var se *sqlite.Error
+	if errors.As(err, &se) && se.Code()&0xff == sqlite3.SQLITE_FULL || errors.Is(err, syscall.ENOSPC) {
+		return fmt.Errorf("%w: no space left on the disk holding %s: %w", store.ErrDiskFull, s.path, err)
+	}
+	return err
 }
 
 // read runs fn in one read transaction on the reader pool, so that the
