@@ -206,7 +206,11 @@ func TestAccessKeySignIn(t *testing.T) {
 		r.Body.Close()
 		return r.StatusCode
 	}
-	if code := post(key.Key[:len(key.Key)-1] + "x"); code != http.StatusUnauthorized {
+	wrong := key.Key[:len(key.Key)-1] + "x"
+	if strings.HasSuffix(key.Key, "x") {
+		wrong = key.Key[:len(key.Key)-1] + "y" // still one character off
+	}
+	if code := post(wrong); code != http.StatusUnauthorized {
 		t.Fatalf("wrong key: %d", code)
 	}
 	if code := post(key.Key); code != http.StatusOK { // 303 followed to the page
