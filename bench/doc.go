@@ -54,7 +54,7 @@
 // endpoints.
 //
 // Memory: VmRSS of every meshctl process (server and nodes) once idle
-// (after set-up and the path checks, before any load), its maximum
+// (15 s after set-up and the path checks, before any load), its maximum
 // sampled every 200 ms during the 1 MiB HTTP runs and during the bulk
 // runs, and again 30 s after the last load; beside each, RssAnon at that
 // sample (the process's own memory; the rest of VmRSS is mostly the

@@ -24,10 +24,22 @@ const settle = time.Second
 // processes' heaps grow to their working size.
 const warmUp = 2 * time.Second
 
+// idleWait is the pause between the path checks and the idle memory
+// sample (at most -after).
+const idleWait = 15 * time.Second
+
 // measure runs every figure: memory while idle, the HTTP rows, the bulk
 // rows, then memory again after the load.
 func (s *session) measure(ctx context.Context) error {
 	procs := s.meshProcs()
+	// Idle: once the path checks' traffic has calmed down for long enough
+	// that the agents gave their memory back (they trim after a calm 5 s
+	// window that follows a busy one).
+	idle := min(idleWait, s.o.after)
+	fmt.Fprintf(s.o.log, "waiting %s for the idle memory sample …\n", idle)
+	if err := pause(ctx, idle); err != nil {
+		return err
+	}
 	s.mem.snapshot("idle", procs)
 	stop := s.mem.sample(procs)
 	defer stop()

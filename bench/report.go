@@ -177,7 +177,7 @@ func (s *session) report(w io.Writer, mach machine) {
 	mdTable(w, "lll", []string{"path", "carried by", "WireGuard path (`meshctl status`)"}, rows)
 
 	p("## Memory (RSS)\n\n")
-	p("VmRSS from /proc/PID/status, MiB: *idle* once every path was checked and\n")
+	p("VmRSS from /proc/PID/status, MiB: *idle* %s after every path was checked,\n", min(idleWait, s.o.after))
 	p("before any load; the maximum of samples every 200 ms during all 1 MiB\n")
 	p("HTTP runs, and during all bulk runs; and %s after the last load. In\n", s.o.after)
 	p("brackets: RssAnon at that sample, the process's own memory (heap, stacks);\n")
