@@ -52,10 +52,26 @@ func (ca *CA) CertPEM() []byte { return CertPEM(ca.Cert) }
 // LoadOrCreateCA loads the CA from dir, or creates it (files 0600) if
 // neither file exists. Exactly one of the two files existing is an error:
 // meshctl never silently replaces a CA that nodes trust.
+//
+// Creation commits by rename: the key is written as ca.key.new, then the
+// certificate, then the key is renamed into place. A first start cut short
+// (killed, power cut, disk full) leaves either no ca.key and no ca.crt
+// (then a new CA is made) or ca.crt with ca.key.new (then the rename is
+// finished): never a key without its certificate, which would stop every
+// later start.
 func LoadOrCreateCA(dir string, now time.Time) (ca *CA, created bool, err error) {
 	certPath, keyPath := filepath.Join(dir, CACertFile), filepath.Join(dir, CAKeyFile)
+	newKeyPath := keyPath + ".new"
 	_, certErr := os.Stat(certPath)
 	_, keyErr := os.Stat(keyPath)
+	if certErr == nil && errors.Is(keyErr, fs.ErrNotExist) {
+		if _, err := os.Stat(newKeyPath); err == nil { // a creation that stopped before its last step
+			if err := commitRename(newKeyPath, keyPath); err != nil {
+				return nil, false, err
+			}
+			keyErr = nil
+		}
+	}
 	if errors.Is(certErr, fs.ErrNotExist) && errors.Is(keyErr, fs.ErrNotExist) {
 		ca, err := newCA(now)
 		if err != nil {
@@ -65,10 +81,13 @@ func LoadOrCreateCA(dir string, now time.Time) (ca *CA, created bool, err error)
 		if err != nil {
 			return nil, false, err
 		}
-		if err := WriteFileAtomic(keyPath, keyPEM, 0o600); err != nil {
+		if err := WriteFileAtomic(newKeyPath, keyPEM, 0o600); err != nil {
 			return nil, false, err
 		}
 		if err := WriteFileAtomic(certPath, ca.CertPEM(), 0o600); err != nil {
+			return nil, false, err
+		}
+		if err := commitRename(newKeyPath, keyPath); err != nil {
 			return nil, false, err
 		}
 		return ca, true, nil
@@ -93,6 +112,14 @@ func LoadOrCreateCA(dir string, now time.Time) (ca *CA, created bool, err error)
 		return nil, false, fmt.Errorf("%s does not belong to %s: restore the matching pair", keyPath, certPath)
 	}
 	return &CA{Cert: cert, Key: key}, false, nil
+}
+
+// commitRename renames from to to and syncs the directory.
+func commitRename(from, to string) error {
+	if err := os.Rename(from, to); err != nil {
+		return fmt.Errorf("create %s: %w", to, err)
+	}
+	return syncDir(filepath.Dir(to))
 }
 
 func newCA(now time.Time) (*CA, error) {

@@ -52,6 +52,40 @@ func TestCAPersistsWithPrivateFiles(t *testing.T) {
 	}
 }
 
+// TestCACreationSurvivesCrash: a first start cut short at any step of
+// making the CA (key written as ca.key.new, certificate, rename) is
+// finished or started over by the next one; it never leaves a key without
+// its certificate, which would stop every later start.
+func TestCACreationSurvivesCrash(t *testing.T) {
+	ca, dir := newTestCA(t)
+	cert, key := filepath.Join(dir, CACertFile), filepath.Join(dir, CAKeyFile)
+	// Killed after the certificate, before the rename: finished, same CA.
+	if err := os.Rename(key, key+".new"); err != nil {
+		t.Fatal(err)
+	}
+	again, created, err := LoadOrCreateCA(dir, now)
+	if err != nil || created || again.Pin() != ca.Pin() {
+		t.Fatalf("after a crash before the rename: created=%v err=%v", created, err)
+	}
+	if _, err := os.Stat(key + ".new"); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("ca.key.new left: %v", err)
+	}
+	// Killed (or out of space) after the key, before the certificate: a
+	// new CA; no node can trust the old one, it never served.
+	os.Remove(cert)
+	if err := os.Rename(key, key+".new"); err != nil {
+		t.Fatal(err)
+	}
+	fresh, created, err := LoadOrCreateCA(dir, now)
+	if err != nil || !created || fresh.Pin() == ca.Pin() {
+		t.Fatalf("after a crash before the certificate: created=%v err=%v", created, err)
+	}
+	entries, _ := os.ReadDir(dir)
+	if len(entries) != 2 {
+		t.Fatalf("files left: %v", entries)
+	}
+}
+
 func TestReadPrivateFileRefusesWideModes(t *testing.T) {
 	_, dir := newTestCA(t)
 	key := filepath.Join(dir, CAKeyFile)
