@@ -110,20 +110,21 @@ func runServer(c *cli.Context) error {
 		}
 	}
 	srv, err := coordinator.New(coordinator.Options{
-		DataDir:      dir,
-		Listen:       c.String("listen"),
-		PublicHost:   c.String("public-host"),
-		IPv4Pool:     pool,
-		Quarantine:   c.Duration("quarantine"),
-		CertValidity: c.Duration("cert-ttl"),
-		WGEndpoint:   wgEndpoint,
-		SSHPort:      sshPort,
-		Topology:     c.String("topology"),
-		SSHEndpoint:  c.String("ssh-endpoint"),
-		WGPort:       wgPort,
-		Domain:       c.String("domain"),
-		Version:      version(),
-		Logger:       log,
+		DataDir:       dir,
+		Listen:        c.String("listen"),
+		PublicHost:    c.String("public-host"),
+		IPv4Pool:      pool,
+		Quarantine:    c.Duration("quarantine"),
+		CertValidity:  c.Duration("cert-ttl"),
+		WGEndpoint:    wgEndpoint,
+		EmbeddedProxy: embeddedProxyName,
+		SSHPort:       sshPort,
+		Topology:      c.String("topology"),
+		SSHEndpoint:   c.String("ssh-endpoint"),
+		WGPort:        wgPort,
+		Domain:        c.String("domain"),
+		Version:       version(),
+		Logger:        log,
 	})
 	if err != nil {
 		return err
@@ -153,6 +154,9 @@ func runServer(c *cli.Context) error {
 	return waitForSignal(c, log, px.Agent())
 }
 
+// embeddedProxyName is the mesh name of the server's own proxy.
+const embeddedProxyName = "proxy"
+
 // startEmbeddedProxy enrolls the server's own proxy on first start (a
 // proxy token made in-process, never printed) and starts it, talking to
 // the coordinator over loopback.
@@ -160,12 +164,17 @@ func startEmbeddedProxy(c *cli.Context, srv *coordinator.Server, log *slog.Logge
 	dir := proxyStateDir(c.String("data-dir"))
 	local := srv.LocalURL()
 	if _, err := node.LoadState(dir); errors.Is(err, node.ErrNotEnrolled) {
+		// The coordinator may hold a proxy of this name whose identity was
+		// never saved here (a first start cut short): retire it.
+		if _, err := srv.RetireProxy(c.Context, embeddedProxyName, "server:embedded-proxy"); err != nil {
+			return nil, fmt.Errorf("embedded proxy: %w", err)
+		}
 		tok, err := srv.CreateToken(c.Context, wire.TokenCreateRequest{Role: wire.RoleProxy, TTL: wire.Duration(time.Minute)}, "server:embedded-proxy")
 		if err != nil {
 			return nil, fmt.Errorf("embedded proxy: %w", err)
 		}
 		if _, _, err := node.Enroll(c.Context, node.EnrollOptions{
-			Coordinator: local, Token: tok.Token, CAPin: srv.CAPin(), Name: "proxy", StateDir: dir, Role: wire.RoleProxy,
+			Coordinator: local, Token: tok.Token, CAPin: srv.CAPin(), Name: embeddedProxyName, StateDir: dir, Role: wire.RoleProxy,
 		}); err != nil {
 			return nil, fmt.Errorf("embedded proxy: enroll: %w", err)
 		}

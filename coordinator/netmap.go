@@ -414,19 +414,20 @@ func (snap *snapshot) planFor(self *peerRec, since, checked uint64, hub, wantDel
 // delta carry in full. writeNetmap appends the peers, pre-encoded.
 // TestNetmapHeadMirrorsWire keeps it in step with wire.Netmap.
 type netmapHead struct {
-	Version       uint64      `json:"version"`
-	Delta         bool        `json:"delta,omitempty"`
-	Base          uint64      `json:"base,omitempty"`
-	Removed       []string    `json:"removed,omitempty"`
-	Self          wire.Peer   `json:"self"`
-	ProxyEndpoint string      `json:"proxy_endpoint,omitempty"`
-	Domain        string      `json:"domain,omitempty"`
-	SSHOnly       []wire.Peer `json:"ssh_only,omitempty"`
-	ProxySSH      string      `json:"proxy_ssh,omitempty"`
-	AccessRevoked []string    `json:"access_revoked,omitempty"`
-	Topology      string      `json:"topology,omitempty"`
-	IPv4Pool      string      `json:"ipv4_pool"`
-	IPv6Pool      string      `json:"ipv6_pool"`
+	Version          uint64      `json:"version"`
+	Delta            bool        `json:"delta,omitempty"`
+	Base             uint64      `json:"base,omitempty"`
+	Removed          []string    `json:"removed,omitempty"`
+	Self             wire.Peer   `json:"self"`
+	ProxyEndpoint    string      `json:"proxy_endpoint,omitempty"`
+	ProxyEndpointKey string      `json:"proxy_endpoint_key,omitempty"`
+	Domain           string      `json:"domain,omitempty"`
+	SSHOnly          []wire.Peer `json:"ssh_only,omitempty"`
+	ProxySSH         string      `json:"proxy_ssh,omitempty"`
+	AccessRevoked    []string    `json:"access_revoked,omitempty"`
+	Topology         string      `json:"topology,omitempty"`
+	IPv4Pool         string      `json:"ipv4_pool"`
+	IPv6Pool         string      `json:"ipv6_pool"`
 }
 
 // headFor renders the fields of self's netmap other than the peers.
@@ -440,6 +441,15 @@ func (snap *snapshot) headFor(self *peerRec, o *Options, ipv6Pool netip.Prefix) 
 		Topology:      string(o.Topology),
 		IPv4Pool:      o.IPv4Pool.String(),
 		IPv6Pool:      ipv6Pool.String(),
+	}
+	if o.WGEndpoint != "" && o.EmbeddedProxy != "" {
+		// WGEndpoint is the embedded proxy's: say whose, so that a
+		// standalone proxy beside it keeps its own endpoints.
+		for _, p := range snap.proxies {
+			if p.Name == o.EmbeddedProxy {
+				h.ProxyEndpointKey = p.WireGuardKey
+			}
+		}
 	}
 	if self.Role == wire.RoleProxy && len(snap.sshSorted) > 0 {
 		h.SSHOnly = make([]wire.Peer, 0, len(snap.sshSorted))

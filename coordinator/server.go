@@ -87,6 +87,11 @@ type Options struct {
 	// domain, both sent in netmaps. Empty when no proxy runs.
 	WGEndpoint string
 	Domain     string
+	// EmbeddedProxy is the name of the proxy WGEndpoint belongs to (the
+	// all-in-one server's own); netmaps name its key beside the endpoint
+	// (wire.Netmap.ProxyEndpointKey), so that standalone proxies do not
+	// get it too.
+	EmbeddedProxy string
 	// Topology is TopologyMesh (default: every member sees every other) or
 	// TopologyHub (nodes see only proxies and cannot reach each other).
 	Topology string

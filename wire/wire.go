@@ -200,6 +200,12 @@ type Netmap struct {
 	// ProxyEndpoint is the proxy's public WireGuard endpoint (host:port)
 	// that nodes behind NAT keep alive to. Empty when no proxy runs.
 	ProxyEndpoint string `json:"proxy_endpoint,omitempty"`
+	// ProxyEndpointKey is the WireGuard key of the proxy ProxyEndpoint
+	// belongs to (the server's embedded proxy). Empty from coordinators
+	// that predate it: ProxyEndpoint then applies only when the netmap has
+	// one proxy (with a standalone proxy beside the embedded one, giving it
+	// to every proxy sent two peers' packets to one address).
+	ProxyEndpointKey string `json:"proxy_endpoint_key,omitempty"`
 	// Domain is the proxy's domain (<name>.<domain>), empty without a proxy.
 	Domain string `json:"domain,omitempty"`
 	// SSHOnly lists the SSH-only nodes (name, id, services); only proxies'

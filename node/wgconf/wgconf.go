@@ -106,10 +106,14 @@ type Options struct {
 // address of the same family with that port is used instead. No usable
 // endpoint leaves Endpoint zero.
 //
-// Peers with role wire.RoleProxy get Keepalive = opts.ProxyKeepalive, and
-// their endpoint is nm.ProxyEndpoint when that is set. ProxyEndpoint must
-// then be a usable literal IP:port (host names are rejected: nothing is
-// resolved here); it is checked only when the netmap has a proxy peer.
+// Peers with role wire.RoleProxy get Keepalive = opts.ProxyKeepalive. The
+// proxy nm.ProxyEndpoint belongs to gets it as its first endpoint: the one
+// whose key is nm.ProxyEndpointKey, or, when that is empty (an older
+// coordinator), the netmap's only proxy; with several proxies and no key,
+// none does (one address given to two peers would send one proxy's
+// packets to the other). ProxyEndpoint must be a usable literal IP:port
+// (host names are rejected: nothing is resolved here); it is checked only
+// when the netmap has a proxy peer.
 func FromNetmap(nm *wire.Netmap, opts Options) ([]Peer, error) {
 	if nm == nil {
 		return nil, errors.New("wgconf: nil netmap")
@@ -130,6 +134,22 @@ func FromNetmap(nm *wire.Netmap, opts Options) ([]Peer, error) {
 		}
 	}
 
+	// epOwner is the proxy nm.ProxyEndpoint belongs to, when named.
+	proxies := 0
+	for _, wp := range nm.Peers {
+		if wp.Role == wire.RoleProxy {
+			proxies++
+		}
+	}
+	var epOwner wgtypes.Key
+	epOwnerKnown := false
+	if nm.ProxyEndpointKey != "" && proxies > 0 {
+		k, err := parseKey(nm.ProxyEndpointKey)
+		if err != nil {
+			return nil, fmt.Errorf("wgconf: proxy endpoint key: %w", err)
+		}
+		epOwner, epOwnerKnown = k, true
+	}
 	// owner maps addresses already claimed to who claimed them.
 	owner := make(map[netip.Addr]string)
 	for _, f := range []struct {
@@ -205,6 +225,10 @@ func FromNetmap(nm *wire.Netmap, opts Options) ([]Peer, error) {
 
 		if wp.Role == wire.RoleProxy {
 			p.Keepalive = roundKeepalive(opts.ProxyKeepalive)
+			owns := proxies == 1
+			if epOwnerKnown {
+				owns = k == epOwner
+			}
 			if nm.ProxyEndpoint != "" {
 				if proxyEP == nil {
 					ap, err := netip.ParseAddrPort(nm.ProxyEndpoint)
@@ -217,6 +241,8 @@ func FromNetmap(nm *wire.Netmap, opts Options) ([]Peer, error) {
 					ap = localize(ap, opts.IsLocal)
 					proxyEP = &ap
 				}
+			}
+			if proxyEP != nil && owns {
 				p.Candidates = append([]netip.AddrPort{*proxyEP}, slices.DeleteFunc(p.Candidates, func(a netip.AddrPort) bool { return a == *proxyEP })...)
 			}
 		}
