@@ -240,6 +240,32 @@ func (s *Server) adminRevokeNode(w http.ResponseWriter, r *http.Request, actor s
 	return nil
 }
 
+// RetireProxy revokes the active proxy called name, if there is one, and
+// reports whether it did. The all-in-one server calls it before it enrolls
+// its own proxy into a state dir that holds no identity: a first start
+// killed (or out of disk space) after the coordinator committed the
+// proxy's enrollment but before the proxy saved its keys leaves a proxy
+// nobody holds the keys of, whose name would refuse every later start.
+func (s *Server) RetireProxy(ctx context.Context, name, actor string) (bool, error) {
+	nodes, err := s.opts.Store.ListNodes(ctx)
+	if err != nil {
+		return false, err
+	}
+	for _, n := range nodes {
+		if n.Name != name || n.Role != wire.RoleProxy || n.Revoked() {
+			continue
+		}
+		rn, err := s.opts.Store.RevokeNode(ctx, n.ID, s.opts.Now(), actor)
+		if err != nil {
+			return false, err
+		}
+		s.state.apply(rn.ID, nil)
+		s.log.Warn("revoked a proxy whose identity was never saved (a first start cut short?)", "node", rn.Name, "id", rn.ID, "actor", actor)
+		return true, nil
+	}
+	return false, nil
+}
+
 func (s *Server) adminRenameNode(w http.ResponseWriter, r *http.Request, actor string) error {
 	var req wire.NameRequest
 	if err := decodeJSON(w, r, &req); err != nil {

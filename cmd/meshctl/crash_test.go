@@ -16,6 +16,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -618,4 +619,80 @@ func readDB(t *testing.T, path string) dbSnapshot {
 		t.Fatal(err)
 	}
 	return s
+}
+
+// TestFirstStartSurvivesSIGKILL: a first start of `meshctl server` (CA,
+// SSH CA, database, the embedded proxy's enrollment) killed at any moment
+// is finished by the next start. The state that a kill between the proxy's
+// enrollment and the saving of its identity leaves is made on purpose
+// first: it used to stop every later start ("that node name is already in
+// use"), with no running server to revoke the orphan through.
+func TestFirstStartSurvivesSIGKILL(t *testing.T) {
+	needBinary(t)
+	base := t.TempDir()
+	activeProxies := func(dataDir string) int {
+		var nodes []wire.Node
+		decode(t, mustOK(t, nil, "nodes", "list", "--data-dir", dataDir, "--json"), &nodes)
+		n := 0
+		for _, nd := range nodes {
+			if nd.Role == wire.RoleProxy && !nd.Revoked {
+				n++
+			}
+		}
+		return n
+	}
+
+	// The proxy enrolled, its identity not saved.
+	dataDir := filepath.Join(base, "orphan")
+	t0 := time.Now()
+	srv := startServer(t, dataDir, freePort(t))
+	eventually(t, 20*time.Second, "the embedded proxy to enroll and save its identity", func() bool {
+		_, err := os.Stat(filepath.Join(dataDir, "proxy", "node.json"))
+		return err == nil && activeProxies(dataDir) == 1
+	})
+	firstStart := time.Since(t0)
+	if err := srv.cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	<-srv.done
+	for _, f := range []string{"node.json", "netmap.json"} {
+		if err := os.Remove(filepath.Join(dataDir, "proxy", f)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	srv = startServer(t, dataDir, freePort(t))
+	waitFor(t, 20*time.Second, "one active proxy after the restart", func() (bool, string) {
+		n := activeProxies(dataDir)
+		return n == 1, fmt.Sprintf("%d active proxies\n%s", n, srv.stderr)
+	})
+	if !strings.Contains(srv.stderr.String(), "revoked a proxy whose identity was never saved") {
+		t.Errorf("the restart does not say it retired the orphaned proxy:\n%s", srv.stderr)
+	}
+	stopGracefully(t, srv.proc)
+
+	// First starts killed at random moments (within the time a whole first
+	// start took above), then started again.
+	const kills = 8
+	exitedFirst := 0
+	for i := range kills {
+		dataDir := filepath.Join(base, fmt.Sprintf("first-%d", i))
+		p := start(t, nil, "server", "--data-dir", dataDir, "--listen", net.JoinHostPort("127.0.0.1", freePort(t)),
+			"--public-host", "127.0.0.1", "--http", net.JoinHostPort("127.0.0.1", freePort(t)),
+			"--wg-listen", net.JoinHostPort("127.0.0.1", freeUDPPort(t)), "--ssh-listen", net.JoinHostPort("127.0.0.1", freePort(t)))
+		time.Sleep(time.Duration(mrand.Int64N(int64(firstStart)))) // a random moment of the first start
+		if err := p.cmd.Process.Signal(syscall.SIGKILL); err != nil {
+			exitedFirst++ // it had exited already: the restart below still has to work
+		}
+		<-p.done
+		srv := startServer(t, dataDir, freePort(t))
+		waitFor(t, 20*time.Second, fmt.Sprintf("kill %d: one active proxy after the restart", i), func() (bool, string) {
+			n := activeProxies(dataDir)
+			return n == 1, fmt.Sprintf("%d active proxies\n%s", n, srv.stderr)
+		})
+		if err := srv.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+			t.Fatal(err)
+		}
+		<-srv.done
+	}
+	t.Logf("first start took %v; %d first starts SIGKILLed at random moments within that, all restarted whole", firstStart.Round(time.Millisecond), kills-exitedFirst)
 }
