@@ -172,16 +172,16 @@ func gitSource(ctx context.Context, root string) string {
 		cmd := exec.CommandContext(ctx, "git", args...)
 		cmd.Dir = root
 		out, _ := cmd.Output()
-		return strings.TrimSpace(string(out))
+		return string(out) // not trimmed: porcelain lines start with a space
 	}
-	rev := git("rev-parse", "--short=12", "HEAD")
+	rev := strings.TrimSpace(git("rev-parse", "--short=12", "HEAD"))
 	if rev == "" {
 		return ""
 	}
 	var changed []string
-	for line := range strings.Lines(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench", ":!docs")) {
+	for line := range strings.Lines(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench", ":!docs", ":!*.md")) {
 		if len(line) > 3 {
-			changed = append(changed, strings.TrimSpace(line[3:]))
+			changed = append(changed, strings.TrimSpace(line[3:])) // "XY path\n"
 		}
 	}
 	if len(changed) == 0 {
