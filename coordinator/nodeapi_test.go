@@ -2,8 +2,14 @@ package coordinator_test
 
 import (
 	"context"
+	"crypto"
+	"crypto/rand"
 	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/json"
 	"errors"
+	"math/big"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -326,5 +332,96 @@ func TestRemoteAdminKey(t *testing.T) {
 	}
 	if len(es) == 0 || es[len(es)-1].Action != "adminkey.create" {
 		t.Fatalf("audit log lacks the key creation: %+v", es)
+	}
+}
+
+// Client certificates that are not a node's own are refused, and the
+// certificate a node gets is client-auth only and lives at most 24 h.
+func TestNodeAPIRefusesForeignCertificates(t *testing.T) {
+	c := meshtest.NewCoordinator(t)
+	a := c.AddNode(t, "a")
+	leaf := a.State.ClientCert().Leaf
+	if leaf == nil {
+		var err error
+		if leaf, err = x509.ParseCertificate(a.State.ClientCert().Certificate[0]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The default leaf: ≤ 24 h from issuance, client auth only.
+	if life := leaf.NotAfter.Sub(c.Clock.Now()); life > 24*time.Hour {
+		t.Errorf("default node certificate valid for %s more, want ≤ 24h", life)
+	}
+	if len(leaf.ExtKeyUsage) != 1 || leaf.ExtKeyUsage[0] != x509.ExtKeyUsageClientAuth || leaf.IsCA {
+		t.Errorf("node certificate EKU %v IsCA %v, want client auth only", leaf.ExtKeyUsage, leaf.IsCA)
+	}
+	nodeID := leaf.Subject.CommonName
+	if nodeID != a.Enroll.Node.ID {
+		t.Fatalf("certificate CN %q, node id %q", nodeID, a.Enroll.Node.ID)
+	}
+
+	pin, _ := pki.ParsePin(c.CAPin())
+	get := func(cert tls.Certificate) (int, wire.Error) {
+		conf := pki.PinnedTLSConfig(pin)
+		conf.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return &cert, nil }
+		hc := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{TLSClientConfig: conf}}
+		defer hc.CloseIdleConnections()
+		resp, err := hc.Get(c.URL() + wire.PathNetmap)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		var e wire.Error
+		json.NewDecoder(resp.Body).Decode(&e)
+		return resp.StatusCode, e
+	}
+	// The node's own certificate works: the refusals below are the certificates'.
+	if code, e := get(a.State.ClientCert()); code != http.StatusOK {
+		t.Fatalf("node's own certificate: %d %+v", code, e)
+	}
+	ca := c.CA()
+	sign := func(cn string, eku x509.ExtKeyUsage, parent *x509.Certificate, parentKey crypto.Signer) tls.Certificate {
+		key, err := pki.GenerateKey()
+		if err != nil {
+			t.Fatal(err)
+		}
+		now := c.Clock.Now()
+		tmpl := &x509.Certificate{
+			SerialNumber: big.NewInt(now.UnixNano()),
+			Subject:      pkix.Name{CommonName: cn},
+			NotBefore:    now.Add(-time.Minute),
+			NotAfter:     now.Add(time.Hour),
+			KeyUsage:     x509.KeyUsageDigitalSignature,
+			ExtKeyUsage:  []x509.ExtKeyUsage{eku},
+		}
+		if parent == nil { // self-signed
+			parent, parentKey = tmpl, key
+		}
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, parent, key.Public(), parentKey)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+	}
+	csrKey, _ := pki.GenerateKey()
+	csr, err := pki.NewCSR(csrKey, "ghost")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ghost, err := ca.SignClientCSR(csr, "0123456789ab", c.Clock.Now(), time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cases := []struct {
+		what string
+		cert tls.Certificate
+	}{
+		{"our CA, client auth, a CN that is no node", tls.Certificate{Certificate: [][]byte{ghost.Raw}, PrivateKey: csrKey}},
+		{"our CA, server auth only, a real node's CN", sign(nodeID, x509.ExtKeyUsageServerAuth, ca.Cert, ca.Key)},
+		{"self-signed, client auth, a real node's CN", sign(nodeID, x509.ExtKeyUsageClientAuth, nil, nil)},
+	}
+	for _, tc := range cases {
+		if code, e := get(tc.cert); code != http.StatusForbidden || e.Code != wire.CodeForbidden {
+			t.Errorf("%s: %d %+v, want 403 %s", tc.what, code, e, wire.CodeForbidden)
+		}
 	}
 }

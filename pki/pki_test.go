@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/base32"
 	"errors"
 	"net"
 	"net/http"
@@ -345,5 +346,56 @@ func TestSSHCA(t *testing.T) {
 	st, _ := os.Stat(filepath.Join(dir, SSHCAKeyFile))
 	if st.Mode().Perm() != 0o600 {
 		t.Fatalf("mode %04o", st.Mode().Perm())
+	}
+}
+
+// Every kind of secret carries at least 128 bits drawn at random: its
+// secret part decodes to ≥ 16 bytes, no two of 1000 draws are alike, and
+// every bit of it takes both values across the draws (a constant or
+// stuck byte would not).
+func TestSecretEntropy(t *testing.T) {
+	for _, kind := range []string{KindEnroll, KindAdmin, KindAccess} {
+		const draws = 1000
+		seen := map[string]bool{}
+		ids := map[string]bool{}
+		var ones, zeros []int
+		for range draws {
+			s, id, _, err := NewSecret(kind)
+			if err != nil {
+				t.Fatal(err)
+			}
+			i := strings.LastIndexByte(s, '-')
+			raw, err := base32.StdEncoding.WithPadding(base32.NoPadding).DecodeString(strings.ToUpper(s[i+1:]))
+			if err != nil {
+				t.Fatalf("%s: secret part of %q: %v", kind, s, err)
+			}
+			if len(raw) < 16 {
+				t.Fatalf("%s: secret part of %q is %d bytes, want ≥ 16 (128 bits)", kind, s, len(raw))
+			}
+			if ones == nil {
+				ones, zeros = make([]int, 8*len(raw)), make([]int, 8*len(raw))
+			}
+			for b := range ones {
+				if raw[b/8]>>(b%8)&1 == 1 {
+					ones[b]++
+				} else {
+					zeros[b]++
+				}
+			}
+			if seen[string(raw)] {
+				t.Fatalf("%s: secret drawn twice in %d draws", kind, draws)
+			}
+			seen[string(raw)] = true
+			ids[id] = true
+		}
+		for b := range ones {
+			if ones[b] == 0 || zeros[b] == 0 {
+				t.Errorf("%s: bit %d of the secret was the same in all %d draws", kind, b, draws)
+			}
+		}
+		// 48-bit ids: a collision in 1000 draws has a chance of about 2e-9.
+		if len(ids) != draws {
+			t.Errorf("%s: %d distinct ids in %d draws", kind, len(ids), draws)
+		}
 	}
 }
