@@ -14,6 +14,7 @@ import (
 	"net/http/httptest"
 	"runtime"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -63,6 +64,15 @@ func getVia(a *meshtest.Agent, host string, port uint16) (string, error) {
 }
 
 const meshDeadline = 10 * time.Second // generous for -race on 2 cores; the property is < 1 s
+
+// revocationBound is how long a revocation may take from the admin's call
+// to every member (P6: 1 s), with room for -race on 2 loaded cores.
+func revocationBound() time.Duration {
+	if raceEnabled {
+		return 3 * time.Second
+	}
+	return time.Second
+}
 
 func TestTwoNodesReachEachOthersService(t *testing.T) {
 	c := meshtest.NewCoordinator(t)
@@ -118,12 +128,17 @@ func TestPeersFollowEnrollAndRevoke(t *testing.T) {
 	t.Logf("new node in both peers' devices after %s", time.Since(start))
 	meshtest.WaitFor(t, meshDeadline, func() bool { body, _ := getVia(a, "third", svc.Port); return body == "third" }, "a to reach the third node")
 
+	start = time.Now()
 	if err := c.Admin(http.MethodPost, wire.PathAdminNodeRevoke, wire.NameRequest{Name: "third"}, nil); err != nil {
 		t.Fatal(err)
 	}
-	start = time.Now()
+	committed := time.Since(start)
 	meshtest.WaitFor(t, meshDeadline, func() bool { return !a.HasPeer(t, "third") && !b.HasPeer(t, "third") }, "the revoked node to leave both devices")
-	t.Logf("revoked node gone from both peers' devices after %s", time.Since(start))
+	took := time.Since(start)
+	t.Logf("revoked node gone from both peers' devices %s after the revoke call (committed after %s)", took, committed)
+	if bound := revocationBound(); took > bound {
+		t.Errorf("revocation took %s to reach both peers, want at most %s (P6: 1 s; 3 s under -race)", took, bound)
+	}
 	if _, err := getVia(a, third.Node.State.IPv4, svc.Port); err == nil {
 		t.Fatal("a still reaches the revoked node")
 	}
@@ -159,6 +174,47 @@ func TestCoordinatorOutage(t *testing.T) {
 	meshtest.WaitFor(t, meshDeadline, func() bool { body, _ := getVia(b2, "a", svc.Port); return body == "still here" }, "restarted b to reach a from its cache")
 	if st, _ := b2.Status(); st.CoordinatorReachable || st.NetmapVersion == 0 {
 		t.Fatalf("restarted b: %+v", st)
+	}
+}
+
+// TestCoordinatorRetriesBackOff points an agent at a loopback listener
+// that drops every connection and counts them: in 2 s with RetryMin 50 ms
+// and RetryMax 500 ms, the netmap and report loops back off to a handful
+// of attempts each (about 7, at most 11 with the shortest jitter). A fixed
+// 50 ms retry would make some 80, a hot loop thousands.
+func TestCoordinatorRetriesBackOff(t *testing.T) {
+	c := meshtest.NewCoordinator(t)
+	n := c.AddNode(t, "a")
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	var attempts atomic.Int32
+	go func() {
+		for {
+			conn, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			attempts.Add(1)
+			conn.Close()
+		}
+	}()
+	const window, limit = 2 * time.Second, 30
+	a := n.StartAgent(t, func(o *node.AgentOptions) {
+		o.Coordinator = "https://" + ln.Addr().String()
+		o.Fallback = node.FallbackOff
+		o.RetryMin, o.RetryMax = 50*time.Millisecond, 500*time.Millisecond
+	})
+	<-time.After(window) // the measurement window, not a synchronisation
+	got := attempts.Load()
+	t.Logf("%d connections to the dead coordinator in %s", got, window)
+	if st, err := a.Status(); err != nil || st.CoordinatorReachable {
+		t.Fatalf("status %+v %v: want the coordinator unreachable", st, err)
+	}
+	if got < 2 || got > limit {
+		t.Fatalf("%d connections to the coordinator in %s, want 2..%d (backoff)", got, window, limit)
 	}
 }
 

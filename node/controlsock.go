@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -38,14 +39,27 @@ type PingResult struct {
 	Endpoint   string `json:"endpoint,omitempty"`
 }
 
+// umaskMu serialises the umask changes of listenPrivateUnix: the umask is
+// the process's, and two agents in one process (a proxy and its tests)
+// could otherwise restore each other's.
+var umaskMu sync.Mutex
+
+// listenPrivateUnix listens on a Unix socket at path that only its owner
+// can connect to: it is created 0600, with no moment of wider access.
+func listenPrivateUnix(path string) (net.Listener, error) {
+	umaskMu.Lock()
+	defer umaskMu.Unlock()
+	old := syscall.Umask(0o177)
+	defer syscall.Umask(old)
+	return net.Listen("unix", path)
+}
+
 func (a *Agent) startControl() error {
 	path := filepath.Join(a.opts.StateDir, ControlSocket)
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err
 	}
-	old := syscall.Umask(0o077)
-	ln, err := net.Listen("unix", path)
-	syscall.Umask(old)
+	ln, err := listenPrivateUnix(path)
 	if err != nil {
 		return fmt.Errorf("control socket: %w", err)
 	}

@@ -35,9 +35,7 @@ func (a *Agent) startUAPI() error {
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err
 	}
-	old := syscall.Umask(0o077)
-	ln, err := net.Listen("unix", path)
-	syscall.Umask(old)
+	ln, err := listenPrivateUnix(path)
 	if err != nil {
 		return fmt.Errorf("WireGuard UAPI socket: %w", err)
 	}

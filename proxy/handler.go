@@ -78,7 +78,8 @@ type routeKey struct{}
 // sent one, so that virtual hosts and absolute URLs a backend builds match
 // what the browser uses. X-Forwarded-Host carries the client's Host as sent,
 // X-Forwarded-For the client's address and X-Forwarded-Proto its scheme;
-// client-supplied Forwarded and X-Forwarded-* headers are dropped.
+// client-supplied Forwarded, X-Forwarded-* and X-Real-Ip headers are
+// dropped.
 func NewHandler(o HandlerOptions) (*Handler, error) {
 	if o.Table == nil || o.Dial == nil {
 		return nil, errors.New("proxy: HandlerOptions needs Table and Dial")
@@ -232,11 +233,26 @@ func reserved(p string) bool {
 func (h *Handler) rewrite(pr *httputil.ProxyRequest) {
 	rt := pr.In.Context().Value(routeKey{}).(Route)
 	pr.SetURL(&url.URL{Scheme: "http", Host: rt.Addr.String()})
+	// Rewrite has removed Forwarded and X-Forwarded-For/-Host/-Proto; a
+	// client's X-Forwarded-Port, -Prefix, -Ssl, X-Real-Ip and the like would
+	// otherwise reach the backend as if the proxy had said so.
+	for k := range pr.Out.Header {
+		if forwardingHeader(k) {
+			delete(pr.Out.Header, k)
+		}
+	}
 	pr.SetXForwarded()
 	pr.Out.Host = rt.Host
 	if _, port, err := net.SplitHostPort(pr.In.Host); err == nil && port != "" {
 		pr.Out.Host = net.JoinHostPort(rt.Host, port)
 	}
+}
+
+// forwardingHeader reports whether k is X-Real-Ip or X-Forwarded-*, also
+// spelt with underscores (CGI and WSGI servers read X_Real_Ip as X-Real-Ip).
+func forwardingHeader(k string) bool {
+	k = strings.ReplaceAll(strings.ToLower(k), "_", "-")
+	return k == "x-real-ip" || strings.HasPrefix(k, "x-forwarded-")
 }
 
 // retire drops pooled connections when the table's addresses changed: an

@@ -260,18 +260,36 @@ func TestUnknownHostNotDialed(t *testing.T) {
 func TestForwardingHeadersReplaced(t *testing.T) {
 	_, p := backend(t, echo("web", nil))
 	e := newEnv(t, nil, nodePeer("pi1", svc("web", p)))
-	res, body := e.do(t, "GET", "pi1.example.com", "/", http.Header{
+	// Headers a backend might take as the proxy's word about the client:
+	// none may arrive but X-Forwarded-For/-Host/-Proto, as the proxy set them.
+	spoofed := []string{
+		"X-Forwarded-Port", "X-Forwarded-Prefix", "X-Forwarded-Server",
+		"X-Forwarded-Ssl", "X-Forwarded-Scheme", "X-Forwarded-Uri",
+		"X-Forwarded-User", "X-Forwarded-Client-Cert", "X-Real-Ip",
+		"X_forwarded_for", "X-Forwarded_port", "X_real_ip", // CGI reads _ as -
+	}
+	hdr := http.Header{
 		"X-Forwarded-For":   {"6.6.6.6"},
 		"X-Forwarded-Host":  {"evil.example"},
 		"X-Forwarded-Proto": {"https"},
 		"Forwarded":         {"for=6.6.6.6;host=evil.example;proto=https"},
-		"X-Real-Ip":         {"6.6.6.6"},
 		"Connection":        {"X-Forwarded-For"}, // hop-by-hop trick: must not delete ours
-	})
+	}
+	for _, k := range spoofed {
+		hdr[k] = []string{"evil"}
+	}
+	res, body := e.do(t, "GET", "pi1.example.com", "/", hdr)
 	if res.StatusCode != 200 {
 		t.Fatalf("status %d", res.StatusCode)
 	}
 	h := decode(t, body).Header
+	for k, v := range h {
+		switch n := strings.ReplaceAll(strings.ToLower(k), "_", "-"); {
+		case k == "X-Forwarded-For" || k == "X-Forwarded-Host" || k == "X-Forwarded-Proto":
+		case n == "x-real-ip" || strings.HasPrefix(n, "x-forwarded-"):
+			t.Errorf("client's %s reached the backend: %q", k, v)
+		}
+	}
 	if got := h.Values("X-Forwarded-For"); len(got) != 1 || got[0] != "127.0.0.1" {
 		t.Errorf("X-Forwarded-For = %q", got)
 	}
@@ -589,6 +607,38 @@ func TestReservedPathNotForwarded(t *testing.T) {
 	}
 	if n := hits.Load(); n != 2 {
 		t.Errorf("backend hit %d times, want 2 (only /.meshctlx/)", n)
+	}
+}
+
+// TestControlPathsGoToTheNode: on a node's host name, the coordinator's
+// API paths and /metrics are the node's own paths. The proxy serves
+// neither (metrics have their own listener, see TestMetricsNotOnNodeHosts),
+// so each request must reach the node's backend, as sent.
+func TestControlPathsGoToTheNode(t *testing.T) {
+	var hits atomic.Int32
+	_, p := backend(t, echo("web", &hits))
+	e := newEnv(t, nil, nodePeer("pi1", svc("web", p)))
+	paths := []string{
+		"/metrics", "/metrics?name[]=x",
+		wire.PathAdminInfo, wire.PathAdminNodes, wire.PathAdminTokens, wire.PathAdminAudit, wire.PathAdminKeys,
+		wire.PathAdminNodeRevoke, wire.PathEnroll, wire.PathNetmap, wire.PathRenew, wire.PathAccessCheck, wire.PathHealthz,
+	}
+	for _, method := range []string{"GET", "POST"} {
+		for _, path := range paths {
+			for _, host := range []string{"pi1.example.com", "web--pi1.example.com"} {
+				res, body := e.do(t, method, host, path, nil)
+				if res.StatusCode != 200 {
+					t.Errorf("%s %s%s: status %d, want the backend's 200:\n%s", method, host, path, res.StatusCode, body)
+					continue
+				}
+				if got := decode(t, body); got.Name != "web" || got.Path != path {
+					t.Errorf("%s %s%s: answered by %q for path %q, want the backend for %q", method, host, path, got.Name, got.Path, path)
+				}
+			}
+		}
+	}
+	if n, want := hits.Load(), int32(2*2*len(paths)); n != want {
+		t.Errorf("backend hit %d times, want %d", n, want)
 	}
 }
 

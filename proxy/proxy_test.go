@@ -23,6 +23,15 @@ import (
 
 const deadline = 10 * time.Second // generous for -race on 2 cores; the properties are < 1 s
 
+// revocationBound is how long a revocation may take from the admin's call
+// to the proxy (P6: 1 s), with room for -race on 2 loaded cores.
+func revocationBound() time.Duration {
+	if raceEnabled {
+		return 3 * time.Second
+	}
+	return time.Second
+}
+
 func backend(t *testing.T, body string) string {
 	t.Helper()
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -82,12 +91,62 @@ func TestRevokedNodeIs404(t *testing.T) {
 	px := c.AddProxy(t)
 	c.AddAgent(t, "pi1", expose(t, "web="+backend(t, "pi1")+",public"))
 	meshtest.WaitFor(t, deadline, func() bool { code, _ := px.Get(host("pi1"), "/"); return code == 200 }, "pi1 served")
+	start := time.Now()
 	if err := c.Admin(http.MethodPost, wire.PathAdminNodeRevoke, wire.NameRequest{Name: "pi1"}, nil); err != nil {
 		t.Fatal(err)
 	}
-	start := time.Now()
+	committed := time.Since(start)
 	meshtest.WaitFor(t, deadline, func() bool { code, _ := px.Get(host("pi1"), "/"); return code == http.StatusNotFound }, "pi1 to be 404 after revocation")
-	t.Logf("revoked node's route gone after %s", time.Since(start))
+	took := time.Since(start)
+	t.Logf("revoked node's route gone %s after the revoke call (committed after %s)", took, committed)
+	if bound := revocationBound(); took > bound {
+		t.Errorf("revocation took %s to reach the proxy, want at most %s (P6: 1 s; 3 s under -race)", took, bound)
+	}
+}
+
+// TestMetricsNotOnNodeHosts runs a proxy with its metrics listener on: the
+// public listener answers /metrics and the coordinator's API paths on a
+// node's host with the node's own page, and on any other host with 404;
+// the metrics listener serves metrics only, never a node.
+func TestMetricsNotOnNodeHosts(t *testing.T) {
+	c := meshtest.NewCoordinator(t)
+	px := c.AddProxy(t, func(o *proxy.Options) { o.Metrics = "127.0.0.1:0" })
+	c.AddAgent(t, "pi1", expose(t, "web="+backend(t, "pi1 web")+",public"))
+	meshtest.WaitFor(t, deadline, func() bool { code, body := px.Get(host("pi1"), "/"); return code == 200 && body == "pi1 web" }, "pi1 served")
+	metricsURL := "http://" + px.Addrs()[1].String()
+	get := func(base, host, path string) (int, string) {
+		t.Helper()
+		req, err := http.NewRequest(http.MethodGet, base+path, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Host = host
+		res, err := http.DefaultTransport.RoundTrip(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer res.Body.Close()
+		b, _ := io.ReadAll(res.Body)
+		return res.StatusCode, string(b)
+	}
+	// The metrics listener is really on, so the checks below mean something.
+	if code, body := get(metricsURL, "127.0.0.1", "/metrics"); code != 200 || !strings.Contains(body, "meshctl_proxy_open_connections") {
+		t.Fatalf("metrics listener: %d %.200q", code, body)
+	}
+	paths := []string{"/metrics", wire.PathAdminNodes, wire.PathAdminInfo, wire.PathAdminTokens, wire.PathNetmap, wire.PathHealthz}
+	for _, p := range paths {
+		if code, body := get(px.URL, host("pi1"), p); code != 200 || body != "pi1 web" {
+			t.Errorf("%s%s on the proxy: %d %.200q, want pi1's page", host("pi1"), p, code, body)
+		}
+		for _, h := range []string{"proxy." + meshtest.Domain, meshtest.Domain, "127.0.0.1", "localhost", ""} {
+			if code, body := get(px.URL, h, p); code != http.StatusNotFound || strings.Contains(body, "meshctl_") {
+				t.Errorf("host %q %s on the proxy: %d %.200q, want the proxy's 404", h, p, code, body)
+			}
+		}
+		if code, body := get(metricsURL, host("pi1"), p); p != "/metrics" && (code != http.StatusNotFound || strings.Contains(body, "pi1 web")) {
+			t.Errorf("%s%s on the metrics listener: %d %.200q, want 404", host("pi1"), p, code, body)
+		}
+	}
 }
 
 func TestNodeDownIs502(t *testing.T) {

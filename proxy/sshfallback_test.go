@@ -87,16 +87,21 @@ func TestSSHFallbackServesNode(t *testing.T) {
 
 	done := make(chan error, 1)
 	go func() { done <- cl.Wait() }()
+	start := time.Now()
 	if err := c.Admin(http.MethodPost, wire.PathAdminNodeRevoke, wire.NameRequest{Name: "pi1"}, nil); err != nil {
 		t.Fatal(err)
 	}
-	start := time.Now()
 	meshtest.WaitFor(t, deadline, func() bool { code, _ := px.Get(host("pi1"), "/"); return code == http.StatusNotFound }, "pi1 404 after revocation")
+	routeGone := time.Since(start)
 	select {
 	case <-done:
-		t.Logf("revoked node's SSH session closed after %s", time.Since(start))
 	case <-time.After(deadline):
 		t.Fatal("revoked node's SSH session still open")
+	}
+	took := time.Since(start)
+	t.Logf("revoked node's route gone %s and its SSH session closed %s after the revoke call", routeGone, took)
+	if bound := revocationBound(); took > bound {
+		t.Errorf("revocation took %s to close the SSH session and the route, want at most %s (P6: 1 s; 3 s under -race)", took, bound)
 	}
 	// And it cannot come back.
 	if again, err := dialSSH(t, n, px.SSHAddr().String(), c.SSHCA().PublicKey()); err == nil {

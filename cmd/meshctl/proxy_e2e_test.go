@@ -28,6 +28,7 @@ import (
 
 	"github.com/chromedp/chromedp"
 	"github.com/meshctl/meshctl/internal/meshtest"
+	"github.com/meshctl/meshctl/wire"
 )
 
 // proxyDeadline bounds every wait for the proxy to see a change (a node
@@ -108,6 +109,8 @@ type echoed struct {
 	Forwarded string `json:"forwarded"`
 	Cookie    string `json:"cookie"`
 	Path      string `json:"path"`
+	// Other is every other X-Forwarded-* or X-Real-Ip header that arrived.
+	Other []string `json:"other_forwarding_headers"`
 }
 
 // startBackend runs a local HTTP service that a node publishes. /echo
@@ -122,7 +125,7 @@ func startBackend(t *testing.T, text string) string {
 			json.NewEncoder(w).Encode(echoed{
 				Host: r.Host, XFF: r.Header.Get("X-Forwarded-For"), XFHost: r.Header.Get("X-Forwarded-Host"),
 				XFProto: r.Header.Get("X-Forwarded-Proto"), Forwarded: r.Header.Get("Forwarded"),
-				Cookie: r.Header.Get("Cookie"), Path: r.URL.Path,
+				Cookie: r.Header.Get("Cookie"), Path: r.URL.Path, Other: otherForwardingHeaders(r.Header),
 			})
 			return
 		}
@@ -136,6 +139,18 @@ func startBackend(t *testing.T, text string) string {
 	}))
 	t.Cleanup(b.Close)
 	return b.Listener.Addr().String()
+}
+
+func otherForwardingHeaders(h http.Header) []string {
+	var out []string
+	for k, v := range h {
+		switch n := strings.ToLower(k); {
+		case n == "x-forwarded-for" || n == "x-forwarded-host" || n == "x-forwarded-proto":
+		case n == "x-real-ip" || strings.HasPrefix(n, "x-forwarded-"):
+			out = append(out, k+": "+strings.Join(v, ", "))
+		}
+	}
+	return out
 }
 
 // proxyMesh is a `meshctl server` with two nodes up behind its proxy:
@@ -361,6 +376,9 @@ func TestProxyEndToEnd(t *testing.T) {
 			"X-Forwarded-Host":  {"evil.example"},
 			"X-Forwarded-Proto": {"https"},
 			"Forwarded":         {"for=203.0.113.7;proto=https"},
+			"X-Forwarded-Port":  {"443"},
+			"X-Forwarded-Ssl":   {"on"},
+			"X-Real-Ip":         {"203.0.113.7"},
 		}
 		for _, host := range []string{"pi1", "api--pi1"} {
 			st, body := mustGet(t, c, m.url(host, "/echo"), spoof)
@@ -376,6 +394,28 @@ func TestProxyEndToEnd(t *testing.T) {
 			}
 			if e.XFProto != "http" || e.Forwarded != "" {
 				t.Errorf("%s: backend got X-Forwarded-Proto %q, Forwarded %q; want http and none", host, e.XFProto, e.Forwarded)
+			}
+			if len(e.Other) != 0 {
+				t.Errorf("%s: the client's forwarding headers reached the backend: %q", host, e.Other)
+			}
+		}
+	})
+
+	// On a node's host name, /metrics and the coordinator's API paths are
+	// the node's own: the backend answers, never the coordinator or metrics.
+	t.Run("ControlPathsReachTheNode", func(t *testing.T) {
+		paths := []string{"/metrics", wire.PathAdminNodes, wire.PathAdminInfo, wire.PathAdminTokens, wire.PathNetmap, wire.PathHealthz}
+		for _, p := range paths {
+			if st, body := mustGet(t, c, m.url("pi1", p), nil); st != 200 || body != "hello from pi1" {
+				t.Errorf("pi1.localhost%s: %d %.300q, want pi1's backend: 200 \"hello from pi1\"", p, st, body)
+			}
+			st, body := mustGet(t, c, m.url("pi2", p), nil) // private: the sign-in page
+			if st != http.StatusUnauthorized {
+				t.Errorf("pi2.localhost%s: %d, want 401:\n%.300s", p, st, body)
+			}
+			checkSignInPage(t, body)
+			if st, body := mustGet(t, c, "http://localhost:"+m.port+p, nil); st != http.StatusNotFound || strings.Contains(body, "meshctl_") || strings.Contains(body, `"nodes"`) {
+				t.Errorf("localhost%s: %d, want the proxy's 404:\n%.300s", p, st, body)
 			}
 		}
 	})
