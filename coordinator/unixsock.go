@@ -9,6 +9,8 @@ import (
 	"syscall"
 
 	"github.com/meshctl/meshctl/pki"
+
+	"github.com/meshctl/meshctl/internal/privsock"
 )
 
 // lockDir takes the data dir's lock so that two coordinators never share
@@ -31,19 +33,9 @@ func listenUnixPrivate(path string) (net.Listener, error) {
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return nil, err
 	}
-	// Create the socket with no group/other bits from the start, so there
-	// is no window in which someone else could connect.
-	old := syscall.Umask(0o177)
-	ln, err := net.Listen("unix", path)
-	syscall.Umask(old)
-	if err != nil {
-		return nil, err
-	}
-	if err := os.Chmod(path, 0o600); err != nil {
-		ln.Close()
-		return nil, err
-	}
-	return ln, nil
+	// Created with no group/other bits from the start, so there is no
+	// window in which someone else could connect.
+	return privsock.Listen(path)
 }
 
 type peerCredKey struct{}

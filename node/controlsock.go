@@ -15,12 +15,13 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 
 	"github.com/meshctl/meshctl/node/socks5"
 	"github.com/meshctl/meshctl/wire"
+
+	"github.com/meshctl/meshctl/internal/privsock"
 )
 
 // ControlSocket is the agent's local control socket in the state dir
@@ -39,20 +40,9 @@ type PingResult struct {
 	Endpoint   string `json:"endpoint,omitempty"`
 }
 
-// umaskMu serialises the umask changes of listenPrivateUnix: the umask is
-// the process's, and two agents in one process (a proxy and its tests)
-// could otherwise restore each other's.
-var umaskMu sync.Mutex
-
 // listenPrivateUnix listens on a Unix socket at path that only its owner
-// can connect to: it is created 0600, with no moment of wider access.
-func listenPrivateUnix(path string) (net.Listener, error) {
-	umaskMu.Lock()
-	defer umaskMu.Unlock()
-	old := syscall.Umask(0o177)
-	defer syscall.Umask(old)
-	return net.Listen("unix", path)
-}
+// can connect to (see internal/privsock).
+func listenPrivateUnix(path string) (net.Listener, error) { return privsock.Listen(path) }
 
 func (a *Agent) startControl() error {
 	path := filepath.Join(a.opts.StateDir, ControlSocket)
