@@ -186,8 +186,10 @@ func applyDelta(base, d *wire.Netmap) (*wire.Netmap, error) {
 	slices.SortStableFunc(out.Peers, func(a, b wire.Peer) int { return cmp.Compare(a.Name, b.Name) })
 	ids := make(map[string]bool, len(out.Peers))
 	for i, p := range out.Peers {
-		if p.ID == d.Self.ID || ids[p.ID] || (i > 0 && out.Peers[i-1].Name == p.Name) {
-			return nil, fmt.Errorf("netmap delta: applying it lists peer %q (%q) twice or the node itself", p.ID, p.Name)
+		// The base's peers are checked too: a malformed base (a peer
+		// with no id) is not merged onto; the client fetches a full one.
+		if p.ID == "" || p.ID == d.Self.ID || ids[p.ID] || (i > 0 && out.Peers[i-1].Name == p.Name) {
+			return nil, fmt.Errorf("netmap delta: applying it lists peer %q (%q) twice, without an id or the node itself", p.ID, p.Name)
 		}
 		ids[p.ID] = true
 	}
