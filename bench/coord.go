@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
@@ -63,14 +62,13 @@ func (o options) coordArgs() []string {
 // plane is measured and its processes are stopped, so that the two do not
 // share the CPU.
 func runCoordLoad(ctx context.Context, o options, dir string) (*coordResult, error) {
-	out, err := exec.CommandContext(ctx, "go", "env", "GOMOD").Output()
-	mod := strings.TrimSpace(string(out))
-	if err != nil || mod == "" || mod == os.DevNull {
-		return nil, fmt.Errorf("the coordinator run builds ./bench/coordload: run the bench inside the repository or pass -coord-nodes 0 (go env GOMOD: %q, %v)", mod, err)
+	root, err := moduleRoot(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("the coordinator run builds ./bench/coordload: %w, or pass -coord-nodes 0", err)
 	}
 	bin := filepath.Join(dir, "coordload")
 	build := exec.CommandContext(ctx, "go", "build", "-o", bin, "./bench/coordload")
-	build.Dir = filepath.Dir(mod)
+	build.Dir = root
 	if b, err := build.CombinedOutput(); err != nil {
 		return nil, fmt.Errorf("go build ./bench/coordload: %w\n%s", err, b)
 	}

@@ -149,12 +149,10 @@ func run(ctx context.Context, o options) (err error) {
 // buildMeshctl builds ./cmd/meshctl of the module the bench runs in. It
 // also returns the source it built, as git describes it ("" outside git).
 func buildMeshctl(ctx context.Context, dir string, log io.Writer) (bin, src string, err error) {
-	out, err := exec.CommandContext(ctx, "go", "env", "GOMOD").Output()
-	mod := strings.TrimSpace(string(out))
-	if err != nil || mod == "" || mod == os.DevNull {
-		return "", "", fmt.Errorf("run the bench inside the meshctl repository (go env GOMOD: %q, %v), or pass -meshctl", mod, err)
+	root, err := moduleRoot(ctx)
+	if err != nil {
+		return "", "", fmt.Errorf("%w, or pass -meshctl", err)
 	}
-	root := filepath.Dir(mod)
 	bin = filepath.Join(dir, "meshctl")
 	fmt.Fprintln(log, "building ./cmd/meshctl …")
 	cmd := exec.CommandContext(ctx, "go", "build", "-o", bin, "./cmd/meshctl")
@@ -163,6 +161,17 @@ func buildMeshctl(ctx context.Context, dir string, log io.Writer) (bin, src stri
 		return "", "", fmt.Errorf("go build ./cmd/meshctl: %w\n%s", err, out)
 	}
 	return bin, gitSource(ctx, root), nil
+}
+
+// moduleRoot is the directory of the module the bench runs in, from which
+// it builds meshctl and bench/coordload.
+func moduleRoot(ctx context.Context) (string, error) {
+	out, err := exec.CommandContext(ctx, "go", "env", "GOMOD").Output()
+	mod := strings.TrimSpace(string(out))
+	if err != nil || mod == "" || mod == os.DevNull {
+		return "", fmt.Errorf("run the bench inside the meshctl repository (go env GOMOD: %q, %v)", mod, err)
+	}
+	return filepath.Dir(mod), nil
 }
 
 // gitSource names the commit in root and the files changed since (the

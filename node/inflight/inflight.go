@@ -204,12 +204,15 @@ func (l *limiter) leave(k int) {
 	}
 }
 
-// dataPackets counts the WireGuard data messages among msgs, keepalives
-// left out.
+// isData reports whether msg is a WireGuard data message carrying a
+// packet (a keepalive carries none).
+func isData(msg []byte) bool { return len(msg) > keepaliveLen && msg[0] == transportType }
+
+// dataPackets counts the data messages among msgs.
 func dataPackets(msgs [][]byte) int {
 	k := 0
 	for _, m := range msgs {
-		if len(m) > keepaliveLen && m[0] == transportType {
+		if isData(m) {
 			k++
 		}
 	}
@@ -314,7 +317,7 @@ func (r *rebatcher) receive(bufs [][]byte, sizes []int, eps []conn.Endpoint) (in
 		r.next, r.n, r.err = 0, n, err
 		k := 0
 		for j := range n {
-			if r.sizes[j] > keepaliveLen && r.bufs[j][0] == transportType {
+			if isData(r.bufs[j][:r.sizes[j]]) {
 				k++
 			}
 		}
