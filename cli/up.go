@@ -159,7 +159,7 @@ func parseSize(s string) (int64, error) {
 		return 0, fmt.Errorf("%q: unknown unit %q (use KiB, MiB or GiB)", s, unit)
 	}
 	if v := n * mult; v > 0 && v < 8<<20 {
-		return 0, fmt.Errorf("%q is below 8MiB, too small for the agent (0 = no limit)", s)
+		return 0, fmt.Errorf("%q is below 8MiB, too small for the Go runtime to work in (0 = no limit)", s)
 	} else if v >= 1<<63 { // would not fit an int64 (and came back negative)
 		return 0, fmt.Errorf("%q is too large (0 = no limit)", s)
 	}
