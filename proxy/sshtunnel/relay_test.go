@@ -220,11 +220,13 @@ func TestRelayChannelClosedWithSession(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		// Each Relay starts in its own goroutine: wait for one before
+		// opening the next, so the order on rec.started is fixed.
+		wantNode(t, rec.started, "pi1", "Relay pi1")
 		och, err := openRelay(other)
 		if err != nil {
 			t.Fatal(err)
 		}
-		wantNode(t, rec.started, "pi1", "Relay pi1")
 		wantNode(t, rec.started, "pi2", "Relay pi2")
 		e.setNode("pi1", NodeInfo{}, false)
 		e.srv.DropNode("pi1")
