@@ -204,6 +204,7 @@ func NewAgent(opts AgentOptions) (*Agent, error) {
 			default:
 			}
 		},
+		OnStaleSession: a.handshakeNow,
 	})
 	if err != nil {
 		return nil, err
@@ -591,6 +592,16 @@ func (a *Agent) sleep(d time.Duration) {
 // jitter spreads retries: a random duration in [d/2, d).
 func jitter(d time.Duration) time.Duration {
 	return d/2 + time.Duration(rand.Int64N(int64(d/2)+1))
+}
+
+// handshakeNow starts a WireGuard handshake with peer, which pathbind
+// found sending under a session this process does not have (see
+// node/pathbind/stale.go). a.dev is set before the device is up, so
+// before any packet can call this.
+func (a *Agent) handshakeNow(peer [32]byte) {
+	if p := a.dev.LookupPeer(device.NoisePublicKey(peer)); p != nil {
+		p.SendHandshakeInitiation(false)
+	}
 }
 
 func (a *Agent) listenPort() (int, error) {

@@ -47,6 +47,10 @@ type DataPlaneStatus struct {
 	// QueueDrops (netstack only) counts packets the network stack sent
 	// while the queue to WireGuard was full.
 	QueueDrops uint64 `json:"queue_drops"`
+	// StaleSessions counts peers found sending under a WireGuard session
+	// this process never made (it restarted), each answered with a
+	// handshake at once (node/pathbind/stale.go).
+	StaleSessions uint64 `json:"stale_sessions"`
 }
 
 // FallbackText is the fallback state in words, empty when not active.
@@ -112,6 +116,7 @@ func (a *Agent) Status() (Status, error) {
 	if p, ok := a.plane.(*netstackPlane); ok {
 		out.DataPlane.QueueDrops = p.dev.Stats().QueueDrops
 	}
+	out.DataPlane.StaleSessions = a.bind.Stats().StaleSessions.Load()
 	cur := a.applied.Load()
 	if cur == nil {
 		return out, nil

@@ -318,8 +318,10 @@ func TestChaosLoopback(t *testing.T) {
 		pi2.start(t)
 		waitServed(t, edge.http, "pi2", 30*time.Second, "the edge proxy to serve pi2 after its agent restarted")
 		nodeDownRestart = time.Since(restarted)
-		// pi1 holds its old WireGuard session with pi2 and starts a new
-		// handshake only when its data goes unanswered (~15 s).
+		// pi1 still holds its WireGuard session with pi2's old process;
+		// pi2 handshakes as soon as pi1's data arrives under it
+		// (node/pathbind/stale.go), where WireGuard alone would wait until
+		// pi1's timers gave up on the session (~15 s).
 		waitReach(t, pi1, pi2, 45*time.Second)
 		nodeDownReach = time.Since(restarted)
 		if ok, r := reachable(t, pi2.dir); ok {

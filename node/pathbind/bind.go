@@ -69,7 +69,12 @@ type Options struct {
 	// OnPublicEndpoint is called (never under locks) when a proxy's answer
 	// tells a different public endpoint of ours (STUN).
 	OnPublicEndpoint func(netip.AddrPort)
-	Logger           *slog.Logger
+	// OnStaleSession is called, in a goroutine of its own and at most once
+	// per 5 s per peer, when a peer sends transport data under a session
+	// this process never made (it restarted): the callee should start a
+	// WireGuard handshake with the peer (see stale.go).
+	OnStaleSession func(peer [32]byte)
+	Logger         *slog.Logger
 
 	ProbeInterval, DirectProbe, TrustWindow, ActiveTimeout, RelayLinger time.Duration
 }
@@ -119,6 +124,7 @@ type Stats struct {
 	RelayRecv, UnknownDropped        atomic.Uint64
 	ProbesSent, PongsReceived        atomic.Uint64
 	BadProbes                        atomic.Uint64
+	StaleSessions                    atomic.Uint64 // OnStaleSession reports
 }
 
 type relayPacket struct {
@@ -335,6 +341,7 @@ func (b *Bind) Send(bufs [][]byte, ep conn.Endpoint) error {
 	}
 	now := time.Now()
 	p.active.Store(now.UnixNano())
+	p.noteSent(bufs)
 	if now.UnixNano() >= p.nextProbe.Load() {
 		b.probe(p, now) // before the packet, so the peer knows our address when it arrives
 	}
@@ -434,6 +441,7 @@ func (b *Bind) wrapReceive(fn conn.ReceiveFunc) conn.ReceiveFunc {
 			}
 			p.active.Store(now)
 			p.noteRecv(src, eps[i])
+			b.checkSession(p, pkt, now)
 			eps[i] = p
 		}
 		return n, err
@@ -455,7 +463,9 @@ func (b *Bind) relayReceive(closed chan struct{}) conn.ReceiveFunc {
 			if p := b.peerByKey(rp.src); p != nil && len(rp.pkt) <= len(packets[n]) {
 				sizes[n] = copy(packets[n], rp.pkt)
 				eps[n] = p
-				p.active.Store(time.Now().UnixNano())
+				now := time.Now().UnixNano()
+				p.active.Store(now)
+				b.checkSession(p, rp.pkt, now)
 				n++
 				b.stats.RelayRecv.Add(1)
 			} else {

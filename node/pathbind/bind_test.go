@@ -66,8 +66,9 @@ func newNode(t *testing.T, name string, ip string, rel *relay.Server) *testNode 
 	if err != nil {
 		t.Fatal(err)
 	}
-	if keyOverride != nil {
-		key = *keyOverride
+	var port uint16
+	if startAs != nil {
+		key, port = startAs.key, startAs.port
 	}
 	n := &testNode{name: name, key: key, ip: netip.MustParseAddr(ip)}
 	tdev, tnet, err := netstack.CreateNetTUN([]netip.Addr{n.ip}, nil, 1420)
@@ -81,6 +82,12 @@ func newNode(t *testing.T, name string, ip string, rel *relay.Server) *testNode 
 		Inner: n.lossy, DiscoPrivate: priv,
 		ProbeInterval: 200 * time.Millisecond, DirectProbe: 300 * time.Millisecond,
 		TrustWindow: time.Second, RelayLinger: time.Second,
+		// As the agent does (node.Agent.handshakeNow).
+		OnStaleSession: func(k [32]byte) {
+			if p := n.dev.LookupPeer(device.NoisePublicKey(k)); p != nil {
+				p.SendHandshakeInitiation(false)
+			}
+		},
 	}
 	if rel != nil {
 		o.RelayDial = func(context.Context) (pathbind.RelayConn, error) {
@@ -96,7 +103,7 @@ func newNode(t *testing.T, name string, ip string, rel *relay.Server) *testNode 
 		n.bind.SetRelay(true, netip.MustParseAddrPort("127.0.0.1:2222"))
 	}
 	n.dev = device.NewDevice(tdev, n.bind, device.NewLogger(device.LogLevelSilent, ""))
-	if err := n.dev.IpcSet(fmt.Sprintf("private_key=%s\nlisten_port=0\n", hex.EncodeToString(key[:]))); err != nil {
+	if err := n.dev.IpcSet(fmt.Sprintf("private_key=%s\nlisten_port=%d\n", hex.EncodeToString(key[:]), port)); err != nil {
 		t.Fatal(err)
 	}
 	if err := n.dev.Up(); err != nil {
@@ -120,18 +127,22 @@ func newNode(t *testing.T, name string, ip string, rel *relay.Server) *testNode 
 // loopback endpoint as its candidate.
 func peer(t *testing.T, a, b *testNode) {
 	t.Helper()
-	for _, x := range [][2]*testNode{{a, b}, {b, a}} {
-		self, other := x[0], x[1]
-		_, otherDisco := pathbind.DiscoKeyFromWireGuard([32]byte(other.key))
-		self.bind.SetPeers([]pathbind.PeerConfig{{
-			Key: other.pub(), Name: other.name, DiscoKey: otherDisco,
-			Candidates: []netip.AddrPort{netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), other.port)},
-		}})
-		pk := other.pub()
-		if err := self.dev.IpcSet(fmt.Sprintf("public_key=%s\nendpoint=%s\nallowed_ip=%s/32\n",
-			hex.EncodeToString(pk[:]), pathbind.EndpointID(pk), other.ip)); err != nil {
-			t.Fatal(err)
-		}
+	knows(t, a, b)
+	knows(t, b, a)
+}
+
+// knows makes other a peer of self, at its loopback endpoint.
+func knows(t *testing.T, self, other *testNode) {
+	t.Helper()
+	_, otherDisco := pathbind.DiscoKeyFromWireGuard([32]byte(other.key))
+	self.bind.SetPeers([]pathbind.PeerConfig{{
+		Key: other.pub(), Name: other.name, DiscoKey: otherDisco,
+		Candidates: []netip.AddrPort{netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), other.port)},
+	}})
+	pk := other.pub()
+	if err := self.dev.IpcSet(fmt.Sprintf("public_key=%s\nendpoint=%s\nallowed_ip=%s/32\n",
+		hex.EncodeToString(pk[:]), pathbind.EndpointID(pk), other.ip)); err != nil {
+		t.Fatal(err)
 	}
 }
 
@@ -370,14 +381,8 @@ func TestPeerMoves(t *testing.T) {
 	// port as b's candidate (as with a stale netmap).
 	b.cancel()
 	b.dev.Close()
-	b2 := newNodeWithKey(t, "b", "100.64.0.2", b.key)
-	_, aDisco := pathbind.DiscoKeyFromWireGuard([32]byte(a.key))
-	b2.bind.SetPeers([]pathbind.PeerConfig{{Key: a.pub(), Name: "a", DiscoKey: aDisco,
-		Candidates: []netip.AddrPort{netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), a.port)}}})
-	ak := a.pub()
-	if err := b2.dev.IpcSet(fmt.Sprintf("public_key=%s\nendpoint=%s\nallowed_ip=%s/32\n", hex.EncodeToString(ak[:]), pathbind.EndpointID(ak), a.ip)); err != nil {
-		t.Fatal(err)
-	}
+	b2 := restarted(t, b, 0)
+	knows(t, b2, a)
 	d := waitFor(t, "restarted b to reach a", func() bool { return roundTrip(b2, a) == nil })
 	t.Logf("b reached a %s after its restart", d)
 	if p := pathOf(a, b2); p.Endpoint.Port() == oldPort || p.Endpoint.Port() != b2.port {
@@ -385,14 +390,66 @@ func TestPeerMoves(t *testing.T) {
 	}
 }
 
-func newNodeWithKey(t *testing.T, name, ip string, key wgtypes.Key) *testNode {
+// restarted starts n again (after the test stopped it) with its key, on
+// UDP port port (0: any free port).
+func restarted(t *testing.T, n *testNode, port uint16) *testNode {
 	t.Helper()
-	keyOverride = &key
-	defer func() { keyOverride = nil }()
-	return newNode(t, name, ip, nil)
+	startAs = &startSpec{key: n.key, port: port}
+	defer func() { startAs = nil }()
+	return newNode(t, n.name, n.ip.String(), nil)
 }
 
-var keyOverride *wgtypes.Key
+// startAs, when set, gives newNode its key and port.
+var startAs *startSpec
+
+type startSpec struct {
+	key  wgtypes.Key
+	port uint16
+}
+
+// A node that restarts (same key, same port) while its peer holds a
+// session with the old process: the peer's packets arrive under a session
+// the new process never made, and the Bind has WireGuard handshake with
+// the peer at once. Without that, the peer's timers give up on the old
+// session only after 15 s (REKEY_TIMEOUT + KEEPALIVE_TIMEOUT).
+func TestRestartedNodeHandshakesWithStalePeer(t *testing.T) {
+	a := newNode(t, "a", "100.64.0.1", nil)
+	b := newNode(t, "b", "100.64.0.2", nil)
+	peer(t, a, b)
+	echoServer(t, b)
+	waitFor(t, "a to reach b", func() bool { return roundTrip(a, b) == nil })
+	if n := b.bind.Stats().StaleSessions.Load(); n != 0 {
+		t.Fatalf("%d stale sessions reported between two fresh nodes", n)
+	}
+
+	b.cancel()
+	b.dev.Close()
+	b2 := restarted(t, b, b.port)
+	knows(t, b2, a)
+	echoServer(t, b2)
+
+	// Well under the 15 s WireGuard alone would take, and generous for a
+	// loaded machine under -race: a's first SYN is lost, the retransmit
+	// (gVisor's RTO starts at 1 s) goes under the new session.
+	const within = 8 * time.Second
+	start := time.Now()
+	var err error
+	for time.Since(start) < within {
+		if err = roundTrip(a, b2); err == nil {
+			break
+		}
+	}
+	if err != nil {
+		t.Fatalf("a did not reach the restarted b within %s: %v", within, err)
+	}
+	t.Logf("a reached the restarted b after %s", time.Since(start).Round(time.Millisecond))
+	if n := b2.bind.Stats().StaleSessions.Load(); n == 0 {
+		t.Fatal("the restarted b reported no stale session")
+	}
+	if n := a.bind.Stats().StaleSessions.Load(); n != 0 {
+		t.Fatalf("a, which kept its sessions, reported %d stale sessions", n)
+	}
+}
 
 // Peers that never reach each other directly (as behind a symmetric NAT)
 // talk through the relay from the first packet.

@@ -25,6 +25,11 @@ type Peer struct {
 	// out right behind its probes.
 	nextProbe  atomic.Int64
 	unanswered atomic.Int32 // probe rounds since the last answer
+	// Our recent session indexes with this peer and the last stale
+	// session report (see stale.go).
+	ours     [oursLen]atomic.Uint32
+	oursNext atomic.Uint32
+	staleAt  atomic.Int64
 
 	mu        sync.Mutex
 	name      string
