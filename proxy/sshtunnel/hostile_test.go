@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"runtime"
 	"strings"
@@ -212,6 +213,83 @@ func TestHostilePreAuthFlood(t *testing.T) {
 		t.Fatalf("forwards after the session closed: %v", e.srv.Forwards())
 	}
 	pollGoroutines(t, base, 3, "after the pre-auth flood")
+}
+
+// TestHostilePreAuthGlobalCap: connections from many addresses, each under
+// its per-address cap, that never authenticate fill the global pre-auth
+// cap; the next one is closed at once without a banner, an authenticated
+// session is unaffected, and a slot freed is usable again.
+func TestHostilePreAuthGlobalCap(t *testing.T) {
+	const maxPreAuth = 6
+	var logs strings.Builder
+	var logMu sync.Mutex
+	e := newEnv(t, func(o *Options) {
+		o.MaxPreAuth = maxPreAuth
+		o.Logger = slog.New(slog.NewTextHandler(lockedWriter{&logMu, &logs}, nil))
+	}, nil)
+	c, err := e.connectFrom("127.0.3.1", "pi1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !forwardReq(t, c, "pi1", 80) {
+		t.Fatal("forward refused")
+	}
+
+	// banner reads the server's version line: false if it closed first.
+	banner := func(raw net.Conn) bool {
+		raw.SetReadDeadline(time.Now().Add(10 * time.Second))
+		line, err := bufio.NewReader(raw).ReadString('\n')
+		return err == nil && strings.HasPrefix(line, "SSH-2.0-")
+	}
+	var silent []net.Conn
+	for i := range maxPreAuth {
+		raw := dialFrom(t, e.addr, fmt.Sprintf("127.0.4.%d", i+1))
+		if !banner(raw) {
+			t.Fatalf("pre-auth connection %d of %d refused", i+1, maxPreAuth)
+		}
+		silent = append(silent, raw)
+	}
+	for i := range 3 {
+		if banner(dialFrom(t, e.addr, fmt.Sprintf("127.0.5.%d", i+1))) {
+			t.Fatalf("connection %d over the global pre-auth cap of %d got a banner", maxPreAuth+i+1, maxPreAuth)
+		}
+	}
+	if !isOpen(c) || !forwardReq(t, c, "pi1", 81) {
+		t.Fatal("the authenticated session was affected by the full pre-auth cap")
+	}
+	logMu.Lock()
+	got := logs.String()
+	logMu.Unlock()
+	if n := strings.Count(got, "too many connections are still authenticating"); n != 1 {
+		t.Errorf("%d log lines for 3 refusals within 10 s, want 1:\n%s", n, got)
+	}
+
+	// A freed slot is usable again, by a node that authenticates.
+	silent[0].Close()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		c2, err := e.connectFrom("127.0.6.1", "pi2")
+		if err == nil {
+			c2.Close()
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no connection accepted after a pre-auth slot was freed: %v", err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// lockedWriter serialises writes to w.
+type lockedWriter struct {
+	mu *sync.Mutex
+	w  io.Writer
+}
+
+func (l lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
 }
 
 // TestHostileGlobalRequestFlood: an authenticated node sends thousands of

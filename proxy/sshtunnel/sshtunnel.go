@@ -65,6 +65,7 @@ const (
 	DefaultPreAuthTimeout = 10 * time.Second
 	DefaultMaxAuthTries   = 3
 	DefaultMaxConnsPerIP  = 8
+	DefaultMaxPreAuth     = 256
 	DefaultMaxForwards    = 16
 	DefaultMaxChannels    = 256
 )
@@ -138,6 +139,13 @@ type Options struct {
 	// MaxConnsPerIP limits concurrent connections, authenticated or not,
 	// per source IPv4 address or IPv6 /64. Default 8.
 	MaxConnsPerIP int
+	// MaxPreAuth limits the connections, from all addresses together,
+	// that have not finished the handshake and authentication (OpenSSH's
+	// MaxStartups): beyond it new connections are closed at once, so a
+	// flood from many addresses (an IPv6 /48 has 65,536 /64s) cannot hold
+	// unbounded memory. Authenticated sessions are not counted and are
+	// never affected. Default 256.
+	MaxPreAuth int
 	// MaxForwards limits the forwards of one connection. Default 16.
 	MaxForwards int
 	// MaxChannels limits the concurrent channels Dial opens on one
@@ -174,6 +182,9 @@ type Server struct {
 	listeners map[net.Listener]struct{}
 	conns     map[net.Conn]struct{} // every accepted connection
 	perIP     map[string]int
+	preAuth   int // connections not yet authenticated
+	// Refused connections, counted for rate-limited log lines.
+	refusedPerIP, refusedPreAuth refusals
 	sessions  map[string]*session // node name -> its current session
 	origPort  uint32              // last originator port handed out by Dial
 	wg        sync.WaitGroup
@@ -206,7 +217,7 @@ func New(o Options) (*Server, error) {
 		return nil, errors.New("sshtunnel: Options.UserCA is required")
 	case o.Lookup == nil:
 		return nil, errors.New("sshtunnel: Options.Lookup is required")
-	case o.PreAuthTimeout < 0 || o.MaxAuthTries < 0 || o.MaxConnsPerIP < 0 || o.MaxForwards < 0 || o.MaxChannels < 0:
+	case o.PreAuthTimeout < 0 || o.MaxAuthTries < 0 || o.MaxConnsPerIP < 0 || o.MaxPreAuth < 0 || o.MaxForwards < 0 || o.MaxChannels < 0:
 		return nil, errors.New("sshtunnel: Options limits must not be negative")
 	}
 	if o.Now == nil {
@@ -220,6 +231,9 @@ func New(o Options) (*Server, error) {
 	}
 	if o.MaxConnsPerIP == 0 {
 		o.MaxConnsPerIP = DefaultMaxConnsPerIP
+	}
+	if o.MaxPreAuth == 0 {
+		o.MaxPreAuth = DefaultMaxPreAuth
 	}
 	if o.MaxForwards == 0 {
 		o.MaxForwards = DefaultMaxForwards
@@ -346,11 +360,24 @@ func (s *Server) accept(raw net.Conn) {
 		return
 	}
 	if s.perIP[key] >= s.o.MaxConnsPerIP {
+		n := s.refusedPerIP.add()
 		s.mu.Unlock()
-		s.log.Warn("ssh connection refused: too many connections from this address", "remote", raw.RemoteAddr().String(), "limit", s.o.MaxConnsPerIP)
+		if n > 0 {
+			s.log.Warn("ssh connection refused: too many connections from this address", "remote", raw.RemoteAddr().String(), "limit", s.o.MaxConnsPerIP, "refused", n)
+		}
 		raw.Close()
 		return
 	}
+	if s.preAuth >= s.o.MaxPreAuth {
+		n := s.refusedPreAuth.add()
+		s.mu.Unlock()
+		if n > 0 {
+			s.log.Warn("ssh connection refused: too many connections are still authenticating", "remote", raw.RemoteAddr().String(), "limit", s.o.MaxPreAuth, "refused", n)
+		}
+		raw.Close()
+		return
+	}
+	s.preAuth++
 	s.perIP[key]++
 	s.conns[raw] = struct{}{}
 	s.wg.Add(1)
@@ -359,6 +386,28 @@ func (s *Server) accept(raw net.Conn) {
 		defer s.wg.Done()
 		s.handle(raw, key)
 	}()
+}
+
+// refusals counts refused connections so that a flood logs one line per
+// refusalLogEvery instead of one per connection.
+type refusals struct {
+	n  int   // refused since the last line
+	at int64 // unix nanos of the last line
+}
+
+const refusalLogEvery = 10 * time.Second
+
+// add counts a refusal and returns how many to report now (0: stay
+// quiet). Callers hold the server's lock.
+func (r *refusals) add() int {
+	r.n++
+	now := time.Now().UnixNano()
+	if now-r.at < int64(refusalLogEvery) {
+		return 0
+	}
+	n := r.n
+	r.n, r.at = 0, now
+	return n
 }
 
 // ipKey is the per-IP accounting key: the IPv4 address or the IPv6 /64.
@@ -406,6 +455,9 @@ func (s *Server) handle(raw net.Conn, key string) {
 	})
 	sconn, chans, reqs, err := ssh.NewServerConn(raw, s.cfg)
 	close(authDone)
+	s.mu.Lock()
+	s.preAuth--
+	s.mu.Unlock()
 	if err != nil {
 		s.log.Debug("ssh handshake failed", "remote", remote, "err", err)
 		return
