@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 )
 
@@ -50,7 +51,26 @@ func WriteFileAtomic(path string, data []byte, perm fs.FileMode) (err error) {
 		return fmt.Errorf("write %s: %w", path, err)
 	}
 	renamed = true
+	removeOldTemps(dir, filepath.Base(path))
 	return syncDir(dir)
+}
+
+// removeOldTemps removes the temp files that versions before the locked
+// ".NAME.tmp" left behind when killed mid-write: ".NAME.tmp-" and the
+// random digits os.CreateTemp chose, each a stray copy of what may be a
+// secret. Best effort: a file that cannot be removed stays.
+func removeOldTemps(dir, base string) {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return
+	}
+	prefix := "." + base + ".tmp-"
+	for _, e := range entries {
+		digits, ok := strings.CutPrefix(e.Name(), prefix)
+		if ok && digits != "" && strings.Trim(digits, "0123456789") == "" && e.Type().IsRegular() {
+			os.Remove(filepath.Join(dir, e.Name()))
+		}
+	}
 }
 
 // lockedTemp opens (creating it 0600 if needed) the temp file tmp and

@@ -268,6 +268,37 @@ func TestWriteFileAtomic(t *testing.T) {
 	}
 }
 
+// Temp files that earlier versions left when killed mid-write
+// (".NAME.tmp-DIGITS", copies of what may be secrets) go with the next
+// write of NAME; nothing else does.
+func TestWriteFileAtomicRemovesOldTemps(t *testing.T) {
+	dir := t.TempDir()
+	stale := []string{".node.json.tmp-1234567", ".node.json.tmp-9"}
+	kept := []string{"node.json.tmp-1", ".node.json.tmp-", ".node.json.tmp-12a", ".netmap.json.tmp-42", ".node.json.tmp-x"}
+	for _, name := range append(append([]string{}, stale...), kept...) {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte("old secret"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Mkdir(filepath.Join(dir, ".node.json.tmp-77"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	kept = append(kept, ".node.json.tmp-77") // a directory: not ours to remove
+	if err := WriteFileAtomic(filepath.Join(dir, "node.json"), []byte("new"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range stale {
+		if _, err := os.Lstat(filepath.Join(dir, name)); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("%s left behind (err %v)", name, err)
+		}
+	}
+	for _, name := range kept {
+		if _, err := os.Lstat(filepath.Join(dir, name)); err != nil {
+			t.Errorf("%s removed: %v", name, err)
+		}
+	}
+}
+
 // TestWriteFileAtomicConcurrent: writers of one file take turns on its
 // one temp file; every write succeeds, the file holds one whole write, and
 // nothing is left beside it. A temp file left by a killed writer is reused.
