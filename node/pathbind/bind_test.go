@@ -146,6 +146,19 @@ func knows(t *testing.T, self, other *testNode) {
 	}
 }
 
+// directPair starts two peers with no relay, "a" (100.64.0.1) and "b"
+// (100.64.0.2), serves echo on the second and waits until the first
+// reaches it.
+func directPair(t *testing.T) (client, server *testNode) {
+	t.Helper()
+	client = newNode(t, "a", "100.64.0.1", nil)
+	server = newNode(t, "b", "100.64.0.2", nil)
+	peer(t, client, server)
+	echoServer(t, server)
+	waitFor(t, "a to reach b", func() bool { return roundTrip(client, server) == nil })
+	return client, server
+}
+
 // echoServer answers each line on port 7 of n.
 func echoServer(t *testing.T, n *testNode) {
 	ln, err := n.net.ListenTCP(&net.TCPAddr{IP: n.ip.AsSlice(), Port: 7})
@@ -304,11 +317,7 @@ func TestPathSwitchesBetweenDirectAndRelay(t *testing.T) {
 // Without a relay, a peer is reached at its first candidate, as plain
 // WireGuard would.
 func TestNoRelaySendsToCandidate(t *testing.T) {
-	a := newNode(t, "a", "100.64.0.1", nil)
-	b := newNode(t, "b", "100.64.0.2", nil)
-	peer(t, a, b)
-	echoServer(t, b)
-	waitFor(t, "a to reach b", func() bool { return roundTrip(a, b) == nil })
+	a, b := directPair(t)
 	if p := pathOf(a, b); p.Path != "direct" {
 		t.Fatalf("path %+v", p)
 	}
@@ -320,11 +329,7 @@ func TestNoRelaySendsToCandidate(t *testing.T) {
 // Datagrams from addresses no peer is known at are dropped, and probes
 // that do not authenticate are refused.
 func TestStrangersAreDropped(t *testing.T) {
-	a := newNode(t, "a", "100.64.0.1", nil)
-	b := newNode(t, "b", "100.64.0.2", nil)
-	peer(t, a, b)
-	echoServer(t, b)
-	waitFor(t, "a to reach b", func() bool { return roundTrip(a, b) == nil })
+	a, b := directPair(t)
 
 	stranger, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {
@@ -413,11 +418,7 @@ type startSpec struct {
 // the peer at once. Without that, the peer's timers give up on the old
 // session only after 15 s (REKEY_TIMEOUT + KEEPALIVE_TIMEOUT).
 func TestRestartedNodeHandshakesWithStalePeer(t *testing.T) {
-	a := newNode(t, "a", "100.64.0.1", nil)
-	b := newNode(t, "b", "100.64.0.2", nil)
-	peer(t, a, b)
-	echoServer(t, b)
-	waitFor(t, "a to reach b", func() bool { return roundTrip(a, b) == nil })
+	a, b := directPair(t)
 	if n := b.bind.Stats().StaleSessions.Load(); n != 0 {
 		t.Fatalf("%d stale sessions reported between two fresh nodes", n)
 	}

@@ -230,6 +230,24 @@ func waitClosed(t *testing.T, c ssh.Conn, what string) {
 }
 
 // isOpen reports whether c still answers a global request.
+// waitAccepted retries dial until the server accepts a connection (the
+// test freed a slot), for up to 10 s.
+func waitAccepted(t *testing.T, what string, dial func() (*ssh.Client, error)) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		c, err := dial()
+		if err == nil {
+			c.Close()
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: %v", what, err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
 func isOpen(c ssh.Conn) bool {
 	ok, _, err := c.SendRequest("keepalive@openssh.com", true, nil)
 	return err == nil && ok

@@ -266,18 +266,9 @@ func TestHostilePreAuthGlobalCap(t *testing.T) {
 
 	// A freed slot is usable again, by a node that authenticates.
 	silent[0].Close()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		c2, err := e.connectFrom("127.0.6.1", "pi2")
-		if err == nil {
-			c2.Close()
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("no connection accepted after a pre-auth slot was freed: %v", err)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	waitAccepted(t, "no connection accepted after a pre-auth slot was freed", func() (*ssh.Client, error) {
+		return e.connectFrom("127.0.6.1", "pi2")
+	})
 }
 
 // lockedWriter serialises writes to w.

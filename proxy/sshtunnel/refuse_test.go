@@ -295,18 +295,9 @@ func TestMaxConnsPerIP(t *testing.T) {
 	e.wantForwards()
 	// A slot frees up when a connection ends.
 	first.Close()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		c, err := e.dial("pi1", ssh.PublicKeys(e.nodeSigner("pi1")))
-		if err == nil {
-			c.Close()
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("no slot after a connection closed: %v", err)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	waitAccepted(t, "no slot after a connection closed", func() (*ssh.Client, error) {
+		return e.dial("pi1", ssh.PublicKeys(e.nodeSigner("pi1")))
+	})
 }
 
 func TestPreAuthTimeout(t *testing.T) {

@@ -359,20 +359,20 @@ func (s *Server) accept(raw net.Conn) {
 		raw.Close()
 		return
 	}
-	if s.perIP[key] >= s.o.MaxConnsPerIP {
-		n := s.refusedPerIP.add()
-		s.mu.Unlock()
-		if n > 0 {
-			s.log.Warn("ssh connection refused: too many connections from this address", "remote", raw.RemoteAddr().String(), "limit", s.o.MaxConnsPerIP, "refused", n)
-		}
-		raw.Close()
-		return
+	var refused *refusals
+	var why string
+	var limit int
+	switch {
+	case s.perIP[key] >= s.o.MaxConnsPerIP:
+		refused, why, limit = &s.refusedPerIP, "too many connections from this address", s.o.MaxConnsPerIP
+	case s.preAuth >= s.o.MaxPreAuth:
+		refused, why, limit = &s.refusedPreAuth, "too many connections are still authenticating", s.o.MaxPreAuth
 	}
-	if s.preAuth >= s.o.MaxPreAuth {
-		n := s.refusedPreAuth.add()
+	if refused != nil {
+		n := refused.add()
 		s.mu.Unlock()
 		if n > 0 {
-			s.log.Warn("ssh connection refused: too many connections are still authenticating", "remote", raw.RemoteAddr().String(), "limit", s.o.MaxPreAuth, "refused", n)
+			s.log.Warn("ssh connection refused: "+why, "remote", raw.RemoteAddr().String(), "limit", limit, "refused", n)
 		}
 		raw.Close()
 		return
