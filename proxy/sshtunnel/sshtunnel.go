@@ -185,9 +185,9 @@ type Server struct {
 	preAuth   int // connections not yet authenticated
 	// Refused connections, counted for rate-limited log lines.
 	refusedPerIP, refusedPreAuth refusals
-	sessions  map[string]*session // node name -> its current session
-	origPort  uint32              // last originator port handed out by Dial
-	wg        sync.WaitGroup
+	sessions                     map[string]*session // node name -> its current session
+	origPort                     uint32              // last originator port handed out by Dial
+	wg                           sync.WaitGroup
 }
 
 // session is one authenticated connection of a node.
