@@ -182,12 +182,13 @@ type Server struct {
 	listeners map[net.Listener]struct{}
 	conns     map[net.Conn]struct{} // every accepted connection
 	perIP     map[string]int
-	preAuth   int // connections not yet authenticated
-	// Refused connections, counted for rate-limited log lines.
+	preAuth   int                 // connections not yet authenticated
+	sessions  map[string]*session // node name -> its current session
+	origPort  uint32              // last originator port handed out by Dial
+	wg        sync.WaitGroup
+
+	// Refused connections, counted for rate-limited log lines (under mu).
 	refusedPerIP, refusedPreAuth refusals
-	sessions                     map[string]*session // node name -> its current session
-	origPort                     uint32              // last originator port handed out by Dial
-	wg                           sync.WaitGroup
 }
 
 // session is one authenticated connection of a node.
