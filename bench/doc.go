@@ -35,9 +35,14 @@
 //     WireGuard UDP port dropped by an nftables rule (that port only,
 //     removed at the end): UDP blocked, the case the fallback exists for,
 //     so the proxy must use the SSH forward.
-//   - TUN (root): node pi5 with `meshctl up --tun`; the server's proxy has
-//     no TUN option and stays on its netstack, so this row is netstack →
-//     TUN.
+//   - TUN (root): node pi5 with `meshctl up --tun`; the server's proxy
+//     stays on its netstack, so this row is netstack → TUN.
+//   - The proxy on a kernel TUN (root), a last phase after the bulk rows:
+//     pi5 is stopped (one meshctl TUN per host: each routes the overlay
+//     pool), a standalone `meshctl proxy serve --tun` joins, and its rows
+//     to pi1 (1 KiB and 1 MiB) run interleaved with the reverse proxy and
+//     the server's netstack proxy, measured again so that the ratios come
+//     from the same phase (bench/tunproxy.go).
 //   - mesh without the memory budget: the mesh row to pi7, which runs with
 //     `--memory-limit 0`, to show what the default 64 MiB limit costs.
 //

@@ -122,6 +122,9 @@ func run(ctx context.Context, o options) (err error) {
 	if err := s.measure(ctx); err != nil {
 		return err
 	}
+	if err := s.measureProxyTUN(ctx); err != nil {
+		return err
+	}
 	s.tearDown() // the coordinator run gets the machine to itself
 	if o.coordNodes > 0 {
 		if s.coord, err = runCoordLoad(ctx, o, dir); err != nil {

@@ -153,8 +153,10 @@ func (s *session) report(w io.Writer, mach machine) {
 	p("The proxy uses a node's SSH forward only when it does not reach the node\n")
 	p("directly over UDP (`proxy/sshfallback.go`): with `--fallback always` and\n")
 	p("UDP open, the forward exists but WireGuard still carries the requests.\n")
-	p("The TUN row's proxy stays on its userspace netstack (`meshctl server` has\n")
-	p("no TUN option); only the node's end is a kernel TUN.\n\n")
+	p("The TUN row's proxy is the server's, on its userspace netstack; only the\n")
+	p("node's end is a kernel TUN. The proxy on a kernel TUN has a section of\n")
+	p("its own, below.\n\n")
+	s.proxyTUNSection(w)
 
 	p("## Bulk TCP through the tunnel\n\n")
 	p("A byte source (in the backend process) writes as fast as the client\n")
@@ -196,8 +198,10 @@ func (s *session) report(w io.Writer, mach machine) {
 	for _, c := range s.mesh.cmds {
 		p("%s\n", c)
 	}
-	for _, t := range s.http {
-		p("%s\n", t.cmd)
+	for _, t := range append(slices.Clone(s.http), s.tunPhase...) {
+		if t.cmd != "" {
+			p("%s\n", t.cmd)
+		}
 	}
 	for _, b := range s.bulk {
 		p("%s=%s bench -streams N -duration %s %s\n", roleEnv, roleBulk, s.o.bulk, shellJoin(b.args))
@@ -234,7 +238,7 @@ func (s *session) command() string {
 func (s *session) allNotes() []string {
 	notes := slices.Clone(s.notes)
 	for _, sz := range sizes {
-		for _, t := range s.http {
+		for _, t := range append(slices.Clone(s.http), s.tunPhase...) {
 			errs := s.res.get(sz.key+".errors", t.key)
 			var sum float64
 			for _, e := range valid(errs) {
@@ -246,6 +250,38 @@ func (s *session) allNotes() []string {
 		}
 	}
 	return notes
+}
+
+// proxyTUNSection reports the last phase: the proxy on a kernel TUN,
+// beside the reverse proxy baseline and the server's netstack proxy
+// measured again in that phase.
+func (s *session) proxyTUNSection(w io.Writer) {
+	p := func(format string, a ...any) { fmt.Fprintf(w, format, a...) }
+	p("### The proxy on a kernel TUN\n\n")
+	if len(s.tunPhase) == 0 {
+		p("Not measured: it needs root (a TUN interface).\n\n")
+		return
+	}
+	p("A last phase, after the bulk rows: the TUN node pi5 stopped (one meshctl\n")
+	p("TUN per host: each routes the overlay pool), a standalone `meshctl proxy\n")
+	p("serve --tun %s` joined the mesh, and its runs were interleaved with the\n", proxyTUNName)
+	p("reverse proxy baseline and the server's netstack proxy, both measured\n")
+	p("again in this phase so that every ratio is from the same runs. Only the\n")
+	p("proxy's end changes: pi1 stays on its netstack.\n\n")
+	rp, ns := "tunphase-revproxy", "tunphase-mesh"
+	var rows [][]string
+	for _, t := range s.tunPhase {
+		rps, mbps := s.res.get("1k.rps", t.key), s.res.get("1m.mbps", t.key)
+		rows = append(rows, []string{t.label,
+			rangeText(rps), ratioText(rps, s.res.get("1k.rps", rp)), ratioText(rps, s.res.get("1k.rps", ns)),
+			rangeText(mbps), ratioText(mbps, s.res.get("1m.mbps", rp)), ratioText(mbps, s.res.get("1m.mbps", ns))})
+	}
+	mdTable(w, "lrrrrrr", []string{"path", "1 KiB req/s", "× reverse proxy", "× netstack proxy", "1 MiB MB/s", "× reverse proxy", "× netstack proxy"}, rows)
+	for _, t := range s.tunPhase {
+		if t.key == "tunproxy" {
+			p("Carried by: %s.\n\n", seenText(t.seen))
+		}
+	}
 }
 
 // httpTable is one metric over the HTTP paths, with ratios to both

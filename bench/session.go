@@ -38,6 +38,11 @@ type session struct {
 	notes   []string // skipped rows and other remarks, for the report
 	unblock func()   // removes the nftables rule, if any
 
+	// The last phase (root): a standalone proxy on a kernel TUN, and the
+	// rows measured beside it (see tunproxy.go).
+	tunProxy *proc
+	tunPhase []*httpTarget
+
 	res     results
 	mem     *memory
 	coord   *coordResult // the coordinator at scale (nil = not run)
