@@ -50,7 +50,7 @@ Example (local, no root):
 			&cli.DurationFlag{Name: "cert-ttl", Value: coordinator.DefaultCertValidity, EnvVars: env("cert-ttl"), Usage: "lifetime of node client certificates (nodes renew them automatically)"},
 			&cli.StringFlag{Name: "ssh-listen", Value: ":2222", EnvVars: env("ssh-listen"), Usage: "SSH server: the relay for nodes with no direct path to each other, and the reverse-tunnel fallback for nodes whose UDP is blocked (\"\" = off: neither)"},
 			&cli.StringFlag{Name: "topology", Value: coordinator.TopologyMesh, EnvVars: env("topology"),
-				Usage: "mesh: every node sees every other; hub: nodes see only the proxy and cannot reach each other (small netmaps for fleets reached only through the proxy)"},
+				Usage: "mesh: every node sees every other; hub: nodes see only the proxy and cannot reach each other (small netmaps for fleets reached only through the proxy); tags: nodes see the proxy and the nodes that share a tag with them (meshctl token create --tag)"},
 			&cli.StringFlag{Name: "ssh-endpoint", EnvVars: env("ssh-endpoint"), Usage: "the SSH fallback as nodes reach it, HOST:PORT (default: --public-host with the --ssh-listen port; set it to a standalone proxy's when that serves the fallback)"},
 			&cli.BoolFlag{Name: "tls-local", EnvVars: env("tls-local"), Usage: "serve --https with a certificate for *.DOMAIN from this server's own CA (for local use; install DATA_DIR/ca.crt in browsers)"},
 			&cli.StringFlag{Name: "wg-endpoint", EnvVars: env("wg-endpoint"), Usage: "the proxy's WireGuard endpoint as nodes reach it, HOST:PORT (default: --public-host with the --wg-listen port)"},

@@ -36,7 +36,7 @@ Examples:
 					&cli.DurationFlag{Name: "ttl", Value: time.Hour, EnvVars: env("ttl"), Usage: "how long the token can be used (e.g. 30m, 24h)"},
 					&cli.IntFlag{Name: "uses", Value: 1, EnvVars: env("uses"), Usage: "how many devices may enroll with it"},
 					&cli.BoolFlag{Name: "reusable", EnvVars: env("reusable"), Usage: "any number of enrollments until it expires (instead of --uses)"},
-					&cli.StringSliceFlag{Name: "tag", EnvVars: env("tag"), Usage: "tag for nodes enrolled with this token (repeatable)"},
+					&cli.StringSliceFlag{Name: "tag", EnvVars: env("tag"), Usage: "tag for nodes enrolled with this token (repeatable); with meshctl server --topology tags, nodes see only the nodes that share a tag with them"},
 					&cli.StringFlag{Name: "role", Value: wire.RoleNode, EnvVars: env("role"), Usage: "role of enrolled members: node or proxy"},
 					jsonFlag(),
 				),

@@ -47,7 +47,7 @@ type snapshot struct {
 	names     map[string]*peerRec
 	namesOnce sync.Once
 	sorted    []*peerRec // by name
-	proxies   []*peerRec // the members with role proxy, by name (hub topology)
+	proxies   []*peerRec // the members with role proxy, by name (hub and tags topologies)
 	// sshByID and sshSorted (by name) hold the active SSH-only nodes. They
 	// are never WireGuard peers (no key, no address); only proxies'
 	// netmaps carry them, in SSHOnly.
@@ -324,15 +324,24 @@ func (s *netmapState) publish(old, snap *snapshot, d *diff) {
 	close(old.next)
 }
 
-// visibleTo reports whether node self sees p as a WireGuard peer: in the
-// mesh topology every active member sees every other; in the hub topology
-// a node sees only the proxies (a netmap whose size does not grow with the
-// fleet), while proxies still see everyone.
-func visibleTo(self, p *peerRec, hub bool) bool {
+// visibleTo reports whether node self sees p as a WireGuard peer under
+// topology: in the mesh topology every active member sees every other; in
+// the hub topology a node sees only the proxies (a netmap whose size does
+// not grow with the fleet); in the tags topology a node sees the proxies
+// and the nodes that share a tag with it. Proxies always see everyone.
+// Visibility is symmetric, and a node's WireGuard device has exactly the
+// peers it sees, so a node cannot even send to a node it does not see.
+func visibleTo(self, p *peerRec, topology string) bool {
 	if p == nil || p.ID == self.ID || p.Role == wire.RoleSSH {
 		return false
 	}
-	return !hub || self.Role == wire.RoleProxy || p.Role == wire.RoleProxy
+	switch {
+	case topology == TopologyMesh, self.Role == wire.RoleProxy, p.Role == wire.RoleProxy:
+		return true
+	case topology == TopologyTags:
+		return wire.SharesTag(self.Tags, p.Tags)
+	}
+	return false
 }
 
 // netmapPlan is what a long-poll answers.
@@ -348,7 +357,7 @@ type netmapPlan struct {
 // it has stays valid), a delta (if it asked for deltas and the ring
 // reaches back to since), or a full netmap. Versions after since up to
 // checked were already found to change nothing it sees.
-func (snap *snapshot) planFor(self *peerRec, since, checked uint64, hub, wantDelta bool) netmapPlan {
+func (snap *snapshot) planFor(self *peerRec, since, checked uint64, topology string, wantDelta bool) netmapPlan {
 	oldest := snap.version - uint64(len(snap.diffs)) // the version the ring starts from
 	if since >= snap.version || since < oldest {
 		return netmapPlan{full: true} // unknown to the ring: from before a restart, too old, or bogus
@@ -362,7 +371,7 @@ func (snap *snapshot) planFor(self *peerRec, since, checked uint64, hub, wantDel
 			if relevant {
 				break
 			}
-			relevant = c.id == self.ID || visibleTo(self, c.old, hub) || visibleTo(self, c.new, hub) ||
+			relevant = c.id == self.ID || visibleTo(self, c.old, topology) || visibleTo(self, c.new, topology) ||
 				(isProxy && (c.old != nil && c.old.Role == wire.RoleSSH || c.new != nil && c.new.Role == wire.RoleSSH))
 		}
 	}
@@ -391,19 +400,15 @@ func (snap *snapshot) planFor(self *peerRec, since, checked uint64, hub, wantDel
 	for _, id := range order {
 		now := snap.byID[id]
 		switch {
-		case visibleTo(self, now, hub):
+		case visibleTo(self, now, topology):
 			if now != then[id] {
 				p.upserts = append(p.upserts, now)
 			}
-		case visibleTo(self, then[id], hub):
+		case visibleTo(self, then[id], topology):
 			p.removed = append(p.removed, id)
 		}
 	}
-	visible := len(snap.sorted)
-	if hub && !isProxy {
-		visible = len(snap.proxies)
-	}
-	if n := len(p.upserts) + len(p.removed); n > 64 && n > visible/2 {
+	if n := len(p.upserts) + len(p.removed); n > 64 && n > len(snap.visibleFor(self, topology))/2 {
 		return netmapPlan{full: true} // as big as the netmap itself
 	}
 	slices.SortFunc(p.upserts, byName)
@@ -468,13 +473,22 @@ func (snap *snapshot) headFor(self *peerRec, o *Options, ipv6Pool netip.Prefix) 
 	return h
 }
 
-// visibleFor lists the peers self sees (itself still included: writers
-// skip it).
-func (snap *snapshot) visibleFor(self *peerRec, hub bool) []*peerRec {
-	if hub && self.Role != wire.RoleProxy {
+// visibleFor lists the peers self sees under topology, by name (itself
+// may be included: writers skip it).
+func (snap *snapshot) visibleFor(self *peerRec, topology string) []*peerRec {
+	switch {
+	case self.Role == wire.RoleProxy || topology == TopologyMesh:
+		return snap.sorted
+	case topology == TopologyHub:
 		return snap.proxies
 	}
-	return snap.sorted
+	var out []*peerRec
+	for _, p := range snap.sorted {
+		if visibleTo(self, p, topology) {
+			out = append(out, p)
+		}
+	}
+	return out
 }
 
 // netmapJSON is one netmap or delta, ready to write: its head encoded, and
@@ -489,7 +503,7 @@ type netmapJSON struct {
 // render prepares self's netmap: a delta if plan has one, else full.
 func (snap *snapshot) render(self *peerRec, since uint64, plan netmapPlan, o *Options, ipv6Pool netip.Prefix) *netmapJSON {
 	h := snap.headFor(self, o, ipv6Pool)
-	peers := snap.visibleFor(self, o.Topology == TopologyHub)
+	peers := snap.visibleFor(self, o.Topology)
 	if !plan.full {
 		h.Delta, h.Base, h.Removed, peers = true, since, plan.removed, plan.upserts
 	}

@@ -75,7 +75,7 @@ func TestPlanForMesh(t *testing.T) {
 		{"zero", 0, 0, true, "full"},
 		{"from the future", v0 + 9, v0 + 9, true, "full"},
 	} {
-		if got := planString(snap.planFor(w, tt.since, tt.checked, false, tt.wantDelta)); got != tt.want {
+		if got := planString(snap.planFor(w, tt.since, tt.checked, TopologyMesh, tt.wantDelta)); got != tt.want {
 			t.Errorf("%s: %s, want %s", tt.name, got, tt.want)
 		}
 	}
@@ -84,10 +84,10 @@ func TestPlanForMesh(t *testing.T) {
 	v1 := s.current().version
 	s.apply("y", tpeer("y", "sshbox2", wire.RoleSSH))
 	snap = s.current()
-	if got := planString(snap.planFor(snap.byID["p"], v1, v1, false, true)); got != "delta +[] -[]" {
+	if got := planString(snap.planFor(snap.byID["p"], v1, v1, TopologyMesh, true)); got != "delta +[] -[]" {
 		t.Errorf("proxy after an SSH-only node: %s", got)
 	}
-	if got := planString(snap.planFor(snap.byID["w"], v1, v1, false, true)); got != "wait" {
+	if got := planString(snap.planFor(snap.byID["w"], v1, v1, TopologyMesh, true)); got != "wait" {
 		t.Errorf("node after an SSH-only node: %s", got)
 	}
 }
@@ -96,7 +96,7 @@ func TestPlanForHub(t *testing.T) {
 	s := newTestState(tpeer("a", "alpha", wire.RoleNode), tpeer("b", "bravo", wire.RoleNode), tpeer("p", "proxy", wire.RoleProxy))
 	plan := func(id string, since uint64) string {
 		snap := s.current()
-		return planString(snap.planFor(snap.byID[id], since, since, true, true))
+		return planString(snap.planFor(snap.byID[id], since, since, TopologyHub, true))
 	}
 	v := s.current().version
 	bravo2 := tpeer("b", "bravo", wire.RoleNode)
@@ -140,6 +140,84 @@ func TestPlanForHub(t *testing.T) {
 	}
 }
 
+// In the tags topology a node sees the proxies and the nodes it shares a
+// tag with, and only their changes wake it.
+func TestPlanForTags(t *testing.T) {
+	tagged := func(id, name string, tags ...string) *wire.Peer {
+		p := tpeer(id, name, wire.RoleNode)
+		p.Tags = tags
+		return p
+	}
+	s := newTestState(
+		tagged("a", "alpha", "lab", "cam"),
+		tagged("b", "bravo", "cam"),
+		tagged("c", "charlie", "office"),
+		tagged("u", "untagged"),
+		tpeer("p", "proxy", wire.RoleProxy),
+	)
+	names := func(id string) []string {
+		snap := s.current()
+		var out []string
+		for _, p := range snap.visibleFor(snap.byID[id], TopologyTags) {
+			if p.ID != id {
+				out = append(out, p.Name)
+			}
+		}
+		return out
+	}
+	for id, want := range map[string][]string{
+		"a": {"bravo", "proxy"},
+		"b": {"alpha", "proxy"},
+		"c": {"proxy"},
+		"u": {"proxy"},
+		"p": {"alpha", "bravo", "charlie", "untagged"},
+	} {
+		if got := names(id); !slices.Equal(got, want) {
+			t.Errorf("%s sees %v, want %v", id, got, want)
+		}
+	}
+	// Symmetric, for every pair.
+	snap := s.current()
+	for _, x := range snap.sorted {
+		for _, y := range snap.sorted {
+			if visibleTo(x, y, TopologyTags) != visibleTo(y, x, TopologyTags) {
+				t.Errorf("%s sees %s: %v, but %s sees %s: %v", x.Name, y.Name, visibleTo(x, y, TopologyTags), y.Name, x.Name, visibleTo(y, x, TopologyTags))
+			}
+		}
+	}
+
+	plan := func(id string, since uint64) string {
+		snap := s.current()
+		return planString(snap.planFor(snap.byID[id], since, since, TopologyTags, true))
+	}
+	v := s.current().version
+	charlie2 := tagged("c", "charlie", "office")
+	charlie2.Endpoints = []string{"192.0.2.8:1"}
+	s.apply("c", charlie2)
+	if got := plan("a", v); got != "wait" {
+		t.Errorf("node a after node c (no shared tag) changed: %s, want wait", got)
+	}
+	if got := plan("p", v); got != "delta +[c:charlie] -[]" {
+		t.Errorf("proxy after node c changed: %s", got)
+	}
+	v = s.current().version
+	s.apply("d", tagged("d", "delta", "cam"))
+	if got := plan("a", v); got != "delta +[d:delta] -[]" {
+		t.Errorf("node a after a new node sharing its tag: %s", got)
+	}
+	if got := plan("c", v); got != "wait" {
+		t.Errorf("node c after a new node sharing no tag: %s, want wait", got)
+	}
+	v = s.current().version
+	s.apply("b", nil) // revoked
+	if got := plan("a", v); got != "delta +[] -[b]" {
+		t.Errorf("node a after node b's revocation: %s", got)
+	}
+	if got := plan("u", v); got != "wait" {
+		t.Errorf("untagged node after node b's revocation: %s, want wait", got)
+	}
+}
+
 func TestPlanForRingBounds(t *testing.T) {
 	s := newTestState(tpeer("w", "watcher", wire.RoleNode), tpeer("a", "alpha", wire.RoleNode))
 	v0 := s.current().version
@@ -153,14 +231,14 @@ func TestPlanForRingBounds(t *testing.T) {
 		t.Errorf("ring holds %d diffs, want %d", len(snap.diffs), maxDiffs)
 	}
 	w := snap.byID["w"]
-	if got := planString(snap.planFor(w, v0, v0, false, true)); got != "full" {
+	if got := planString(snap.planFor(w, v0, v0, TopologyMesh, true)); got != "full" {
 		t.Errorf("since before the ring: %s, want full", got)
 	}
 	oldest := snap.version - maxDiffs
-	if got := planString(snap.planFor(w, oldest, oldest, false, true)); got != "delta +[a:alpha] -[]" {
+	if got := planString(snap.planFor(w, oldest, oldest, TopologyMesh, true)); got != "delta +[a:alpha] -[]" {
 		t.Errorf("since the ring's start: %s", got)
 	}
-	if got := planString(snap.planFor(w, oldest-1, oldest-1, false, true)); got != "full" {
+	if got := planString(snap.planFor(w, oldest-1, oldest-1, TopologyMesh, true)); got != "full" {
 		t.Errorf("since just before the ring: %s, want full", got)
 	}
 	// A delta as big as the netmap is sent as a full one.
@@ -168,7 +246,7 @@ func TestPlanForRingBounds(t *testing.T) {
 		s.apply(fmt.Sprintf("n%d", i), tpeer(fmt.Sprintf("n%d", i), fmt.Sprintf("node%03d", i), wire.RoleNode))
 	}
 	snap = s.current()
-	if got := planString(snap.planFor(w, snap.version-100, snap.version-100, false, true)); got != "full" {
+	if got := planString(snap.planFor(w, snap.version-100, snap.version-100, TopologyMesh, true)); got != "full" {
 		t.Errorf("100 new of 102: %s, want full", got)
 	}
 	// The change bound: one huge batch leaves only itself in the ring.
@@ -269,7 +347,7 @@ func TestRenderNetmap(t *testing.T) {
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("full netmap\n got %+v\nwant %+v", got, want)
 	}
-	d := decode(snap.render(w, v0, snap.planFor(w, v0, v0, false, true), o, ula))
+	d := decode(snap.render(w, v0, snap.planFor(w, v0, v0, TopologyMesh, true), o, ula))
 	want.Delta, want.Base, want.Removed, want.Peers = true, v0, []string{"a"}, []wire.Peer{snap.byID["b"].Peer}
 	if !reflect.DeepEqual(d, want) {
 		t.Errorf("delta\n got %+v\nwant %+v", d, want)

@@ -99,7 +99,7 @@ func (s *Server) authNode(r *http.Request, graceful bool) (string, error) {
 // proxies the SSH-only nodes and revoked access keys); else it waits for
 // such a change up to LongPoll plus jitter and answers 304 Not Modified.
 // Changes that concern the caller not at all (in the hub topology, other
-// nodes) do not wake it: its version stays valid. With delta=1 it answers
+// nodes; in the tags topology, nodes it shares no tag with) do not wake it: its version stays valid. With delta=1 it answers
 // a delta against since when the ring reaches back to it (see wire.Netmap).
 func (s *Server) handleNetmap(w http.ResponseWriter, r *http.Request, id string) error {
 	q := r.URL.Query()
@@ -111,7 +111,6 @@ func (s *Server) handleNetmap(w http.ResponseWriter, r *http.Request, id string)
 		}
 	}
 	wantDelta := q.Get(wire.NetmapDeltaParam) == "1"
-	hub := s.opts.Topology == TopologyHub
 	done := s.seen.polling(id)
 	defer done()
 	checked := since // versions up to here change nothing the caller sees
@@ -123,7 +122,7 @@ func (s *Server) handleNetmap(w http.ResponseWriter, r *http.Request, id string)
 			return s.refuseGone(r.Context(), id)
 		}
 		if snap.version != checked {
-			plan := snap.planFor(self, since, checked, hub, wantDelta)
+			plan := snap.planFor(self, since, checked, s.opts.Topology, wantDelta)
 			if !plan.wait {
 				writeNetmapResponse(w, snap.render(self, since, plan, &s.opts, s.ipv6))
 				return nil

@@ -46,8 +46,9 @@ const (
 
 // Topologies: who sees whom in netmaps.
 const (
-	TopologyMesh = "mesh"
-	TopologyHub  = "hub"
+	TopologyMesh = wire.TopologyMesh
+	TopologyHub  = wire.TopologyHub
+	TopologyTags = wire.TopologyTags
 )
 
 // DefaultIPv4Pool is where overlay IPv4 addresses come from by default: a
@@ -92,8 +93,10 @@ type Options struct {
 	// (wire.Netmap.ProxyEndpointKey), so that standalone proxies do not
 	// get it too.
 	EmbeddedProxy string
-	// Topology is TopologyMesh (default: every member sees every other) or
-	// TopologyHub (nodes see only proxies and cannot reach each other).
+	// Topology is TopologyMesh (default: every member sees every other),
+	// TopologyHub (nodes see only proxies and cannot reach each other) or
+	// TopologyTags (nodes see the proxies and the nodes that share a tag
+	// with them, wire.SharesTag; untagged nodes see only the proxies).
 	Topology string
 	// SSHEndpoint is the proxy's SSH fallback endpoint (host:port) sent in
 	// netmaps; empty when none runs.
@@ -174,9 +177,9 @@ func New(opts Options) (s *Server, err error) {
 	switch opts.Topology {
 	case "":
 		opts.Topology = TopologyMesh
-	case TopologyMesh, TopologyHub:
+	case TopologyMesh, TopologyHub, TopologyTags:
 	default:
-		return nil, fmt.Errorf("coordinator: topology %q: use mesh or hub", opts.Topology)
+		return nil, fmt.Errorf("coordinator: topology %q: use mesh, hub or tags", opts.Topology)
 	}
 	if opts.FailureBurst == 0 {
 		opts.FailureBurst = 10

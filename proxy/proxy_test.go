@@ -10,6 +10,8 @@ import (
 	"net/http/cookiejar"
 	"net/http/httptest"
 	"net/url"
+	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -309,5 +311,66 @@ func TestHubTopology(t *testing.T) {
 	if conn, err := a.Dial(ctx, "pi2", 80); err == nil {
 		conn.Close()
 		t.Fatal("pi1 reached pi2 in the hub topology")
+	}
+}
+
+// In the tags topology nodes that share a tag (from their tokens) reach
+// each other; a node with no tag in common is not even a WireGuard peer;
+// the proxy serves all of them.
+func TestTagsTopology(t *testing.T) {
+	c := meshtest.NewCoordinator(t, func(o *coordinator.Options) { o.Topology = coordinator.TopologyTags })
+	px := c.AddProxy(t)
+	port := map[string]uint16{} // each node's web service, on its overlay address
+	add := func(name string, tags ...string) *meshtest.Agent {
+		tok := c.CreateToken(t, wire.TokenCreateRequest{MaxUses: 1, Tags: tags})
+		n, err := c.Enroll(t, name, tok.Token)
+		if err != nil {
+			t.Fatal(err)
+		}
+		svc := expose(t, "web="+backend(t, name)+",public")
+		port[name] = svc.Port
+		return n.StartAgent(t, func(o *node.AgentOptions) { o.Services = []node.Service{svc} })
+	}
+	a := add("pi1", "lab", "cam")
+	add("pi2", "cam")
+	add("pi3", "office")
+	for _, n := range []string{"pi1", "pi2", "pi3"} {
+		meshtest.WaitFor(t, deadline, func() bool { code, body := px.Get(host(n), "/"); return code == 200 && body == n }, n+" served through the proxy")
+	}
+	nm, err := a.Node.Client.Netmap(t.Context(), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var seen []string
+	for _, p := range nm.Peers {
+		seen = append(seen, p.Name)
+	}
+	if !slices.Equal(seen, []string{"pi2", "proxy"}) || nm.Topology != wire.TopologyTags {
+		t.Fatalf("pi1's netmap in the tags topology: topology %q, peers %v; want pi2 and the proxy", nm.Topology, seen)
+	}
+	meshtest.WaitFor(t, deadline, func() bool {
+		ctx, cancel := context.WithTimeout(t.Context(), 2*time.Second)
+		defer cancel()
+		conn, err := a.Dial(ctx, "pi2", port["pi2"])
+		if err == nil {
+			conn.Close()
+		}
+		return err == nil
+	}, "pi1 to reach pi2 (they share the tag cam)")
+	if a.HasPeer(t, "pi3") {
+		t.Fatal("pi1's WireGuard device has pi3 as a peer")
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Second)
+	defer cancel()
+	// By address, not by name (pi1's netmap has no pi3 to resolve).
+	var pi3 string
+	for _, n := range c.Nodes(t) {
+		if n.Name == "pi3" {
+			pi3 = n.IPv4
+		}
+	}
+	if conn, err := a.DialContext(ctx, "tcp", net.JoinHostPort(pi3, strconv.Itoa(int(port["pi3"])))); err == nil {
+		conn.Close()
+		t.Fatal("pi1 reached pi3, with which it shares no tag")
 	}
 }

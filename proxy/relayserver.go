@@ -30,7 +30,7 @@ type meshRelay struct {
 	self    string                              // the proxy's own node name
 	selfKey [32]byte                            // and its WireGuard public key, from its state
 	keys    atomic.Pointer[map[string][32]byte] // name -> WireGuard public key
-	hub     atomic.Pointer[map[string]bool]     // hub topology: the proxies' names; nil in a mesh
+	policy  atomic.Pointer[relayPolicy]         // who may reach whom; nil in a mesh (anyone)
 	closed  atomic.Bool
 	log     *slog.Logger
 }
@@ -59,26 +59,49 @@ func (r *meshRelay) lookup(name string) ([32]byte, bool) {
 	return k, ok
 }
 
-// allow: in the hub topology, nodes may not reach each other, so the relay
-// forwards only between a node and a proxy; in a mesh, between anyone.
-func (r *meshRelay) allow(src, dst string) bool {
-	proxies := r.hub.Load()
-	return proxies == nil || (*proxies)[src] || (*proxies)[dst] || src == r.self || dst == r.self
+// relayPolicy is who may reach whom through the relay outside a mesh: the
+// same pairs the coordinator lets see each other (a node's WireGuard has
+// no peer it does not see, but the relay must not forward for it either).
+type relayPolicy struct {
+	proxies map[string]bool     // by name: they reach and are reached by everyone
+	tags    map[string][]string // tags topology: each node's tags; nil in a hub
 }
 
-// setTopology records the netmap's topology and, for a hub, its proxies.
+// allow: in a mesh, anyone reaches anyone; in the hub topology the relay
+// forwards only between a node and a proxy; in the tags topology also
+// between two nodes that share a tag.
+func (r *meshRelay) allow(src, dst string) bool {
+	p := r.policy.Load()
+	switch {
+	case p == nil, src == r.self, dst == r.self, p.proxies[src], p.proxies[dst]:
+		return true
+	case p.tags != nil:
+		return wire.SharesTag(p.tags[src], p.tags[dst])
+	}
+	return false
+}
+
+// setTopology records the netmap's topology and what its policy needs.
+// An unknown topology (a newer coordinator) is treated as a hub: the
+// relay then forwards only to and from proxies, never more than meant.
 func (r *meshRelay) setTopology(nm *wire.Netmap) {
-	if nm.Topology != "hub" {
-		r.hub.Store(nil)
+	if nm.Topology == "" || nm.Topology == wire.TopologyMesh {
+		r.policy.Store(nil)
 		return
 	}
-	proxies := map[string]bool{}
-	for _, p := range nm.Peers {
-		if p.Role == wire.RoleProxy {
-			proxies[p.Name] = true
+	p := &relayPolicy{proxies: map[string]bool{}}
+	if nm.Topology == wire.TopologyTags {
+		p.tags = make(map[string][]string, len(nm.Peers))
+	}
+	for _, peer := range nm.Peers {
+		if peer.Role == wire.RoleProxy {
+			p.proxies[peer.Name] = true
+		}
+		if p.tags != nil {
+			p.tags[peer.Name] = peer.Tags
 		}
 	}
-	r.hub.Store(&proxies)
+	r.policy.Store(p)
 }
 
 // relayKeys returns who may use the relay according to nm: the members

@@ -221,3 +221,70 @@ func TestMeshRelayHub(t *testing.T) {
 		t.Fatalf("pi2 received from %x (%v), want pi1", src[:4], err)
 	}
 }
+
+// In the tags topology the relay forwards between a node and a proxy, and
+// between two nodes that share a tag; nothing else. An unknown topology
+// (a newer coordinator's) gets the hub's rule.
+func TestMeshRelayTags(t *testing.T) {
+	kself, sself := testKey(t)
+	r, err := newMeshRelay("px", kself, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.close()
+	k1, s1 := testKey(t)
+	k2, s2 := testKey(t)
+	_, s3 := testKey(t)
+	nm := &wire.Netmap{
+		Topology: wire.TopologyTags,
+		Self:     wire.Peer{Name: "px", Role: wire.RoleProxy, WireGuardKey: sself},
+		Peers: []wire.Peer{
+			{Name: "pi1", Role: wire.RoleNode, WireGuardKey: s1, Tags: []string{"lab", "cam"}},
+			{Name: "pi2", Role: wire.RoleNode, WireGuardKey: s2, Tags: []string{"cam"}},
+			{Name: "pi3", Role: wire.RoleNode, WireGuardKey: s3},
+			{Name: "px2", Role: wire.RoleProxy},
+		},
+	}
+	r.setTopology(nm)
+	r.setKeys(relayKeys(nm))
+	for _, tt := range []struct {
+		src, dst string
+		want     bool
+	}{
+		{"pi1", "pi2", true}, {"pi2", "pi1", true}, // share "cam"
+		{"pi1", "pi3", false}, {"pi3", "pi2", false}, // pi3 has no tags
+		{"pi3", "px", true}, {"px", "pi3", true}, {"pi3", "px2", true}, {"px2", "pi1", true},
+		{"pi1", "stranger", false},
+	} {
+		if got := r.allow(tt.src, tt.dst); got != tt.want {
+			t.Errorf("allow(%s, %s) = %v, want %v", tt.src, tt.dst, got, tt.want)
+		}
+	}
+
+	// Through the real relay: pi3's packet to pi1 is refused, pi2's
+	// arrives.
+	c1, _ := attach(t, r, "pi1")
+	c2, _ := attach(t, r, "pi2")
+	c3, _ := attach(t, r, "pi3")
+	waitConnected(t, r, "pi1", "pi2", "pi3")
+	p := make([]byte, 148)
+	p[0] = 1
+	if err := c3.Send(k1, p); err != nil {
+		t.Fatal(err)
+	}
+	if err := c2.Send(k1, p); err != nil {
+		t.Fatal(err)
+	}
+	if src, _, err := c1.Recv(); err != nil || src != k2 {
+		t.Fatalf("pi1 received from %x (%v), want pi2 (and nothing from pi3)", src[:4], err)
+	}
+	if st := r.srv.Stats(); st.DropDenied != 1 {
+		t.Fatalf("stats %+v, want one packet refused", st)
+	}
+
+	nm.Topology = "future"
+	r.setTopology(nm)
+	if r.allow("pi1", "pi2") || !r.allow("pi1", "px") {
+		t.Error("an unknown topology does not get the hub's rule")
+	}
+}

@@ -3,7 +3,10 @@
 // it. Changes are additive; a breaking change bumps ProtocolVersion.
 package wire
 
-import "time"
+import (
+	"slices"
+	"time"
+)
 
 // ProtocolVersion is sent by clients in the Meshctl-Protocol header. The
 // coordinator refuses versions it does not speak with a clear message.
@@ -221,8 +224,10 @@ type Netmap struct {
 	// sessions they opened at once.
 	AccessRevoked []string `json:"access_revoked,omitempty"`
 	// Topology is the coordinator's topology: "mesh" (every member sees
-	// every other) or "hub" (nodes see only proxies, and the relay forwards
-	// only between a node and a proxy). Empty means mesh.
+	// every other), "hub" (nodes see only proxies, and the relay forwards
+	// only between a node and a proxy) or "tags" (nodes see the proxies
+	// and the nodes that share a tag with them, see SharesTag; the relay
+	// forwards only between those). Empty means mesh.
 	Topology string `json:"topology,omitempty"`
 	// IPv4Pool and IPv6Pool are the overlay prefixes every member's
 	// addresses come from (routed into a TUN interface as a whole).
@@ -413,4 +418,23 @@ type SSHHostCertRequest struct {
 type SSHHostCertResponse struct {
 	Certificate string `json:"certificate"` // authorized_keys format
 	SSHCA       string `json:"ssh_ca"`
+}
+
+// Topologies (Netmap.Topology).
+const (
+	TopologyMesh = "mesh"
+	TopologyHub  = "hub"
+	TopologyTags = "tags"
+)
+
+// SharesTag reports whether two members' tags (from their enrollment
+// tokens) have one in common: in the "tags" topology, two nodes see each
+// other exactly when they do. Members without tags share none.
+func SharesTag(a, b []string) bool {
+	for _, x := range a {
+		if slices.Contains(b, x) {
+			return true
+		}
+	}
+	return false
 }
