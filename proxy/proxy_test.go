@@ -292,7 +292,8 @@ func TestHubTopology(t *testing.T) {
 	c := meshtest.NewCoordinator(t, func(o *coordinator.Options) { o.Topology = coordinator.TopologyHub })
 	px := c.AddProxy(t)
 	a := c.AddAgent(t, "pi1", expose(t, "web="+backend(t, "pi1")+",public"))
-	c.AddAgent(t, "pi2", expose(t, "web="+backend(t, "pi2")+",public"))
+	svc2 := expose(t, "web="+backend(t, "pi2")+",public")
+	c.AddAgent(t, "pi2", svc2)
 	for _, n := range []string{"pi1", "pi2"} {
 		meshtest.WaitFor(t, deadline, func() bool { code, body := px.Get(host(n), "/"); return code == 200 && body == n }, n+" served through the proxy")
 	}
@@ -306,11 +307,27 @@ func TestHubTopology(t *testing.T) {
 	if a.HasPeer(t, "pi2") {
 		t.Fatal("pi1's WireGuard device has pi2 as a peer")
 	}
+	wantUnreachable(t, c, a, "pi2", svc2.Port)
+}
+
+// wantUnreachable fails if agent a connects to node name's service port,
+// dialled at name's overlay address (a's netmap has no name to resolve).
+func wantUnreachable(t *testing.T, c *meshtest.Coordinator, a *meshtest.Agent, name string, port uint16) {
+	t.Helper()
+	var ip string
+	for _, n := range c.Nodes(t) {
+		if n.Name == name {
+			ip = n.IPv4
+		}
+	}
+	if ip == "" {
+		t.Fatalf("no node %s", name)
+	}
 	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Second)
 	defer cancel()
-	if conn, err := a.Dial(ctx, "pi2", 80); err == nil {
+	if conn, err := a.DialContext(ctx, "tcp", net.JoinHostPort(ip, strconv.Itoa(int(port)))); err == nil {
 		conn.Close()
-		t.Fatal("pi1 reached pi2 in the hub topology")
+		t.Fatalf("%s reached %s at %s", a.Node.Name, name, ip)
 	}
 }
 
@@ -360,17 +377,5 @@ func TestTagsTopology(t *testing.T) {
 	if a.HasPeer(t, "pi3") {
 		t.Fatal("pi1's WireGuard device has pi3 as a peer")
 	}
-	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Second)
-	defer cancel()
-	// By address, not by name (pi1's netmap has no pi3 to resolve).
-	var pi3 string
-	for _, n := range c.Nodes(t) {
-		if n.Name == "pi3" {
-			pi3 = n.IPv4
-		}
-	}
-	if conn, err := a.DialContext(ctx, "tcp", net.JoinHostPort(pi3, strconv.Itoa(int(port["pi3"])))); err == nil {
-		conn.Close()
-		t.Fatal("pi1 reached pi3, with which it shares no tag")
-	}
+	wantUnreachable(t, c, a, "pi3", port["pi3"])
 }
