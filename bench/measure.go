@@ -43,24 +43,8 @@ func (s *session) measure(ctx context.Context) error {
 	s.mem.snapshot("idle", procs)
 	stop := s.mem.sample(procs)
 	defer stop()
-	if !s.o.quick {
-		fmt.Fprintf(s.o.log, "warming up every HTTP path (%s each, not counted) …\n", warmUp)
-		for _, sz := range sizes {
-			for _, t := range s.http {
-				if _, err := s.w.run(ctx, t.url+sz.path, t.host, warmUp); err != nil {
-					return err
-				}
-			}
-		}
-	}
-	for i := range s.o.runs {
-		for _, sz := range sizes {
-			for _, t := range s.http {
-				if err := s.httpRun(ctx, i, sz, t); err != nil {
-					return err
-				}
-			}
-		}
+	if err := s.httpRows(ctx, s.http); err != nil {
+		return err
 	}
 	for i := range s.o.runs {
 		for _, n := range streamCounts {
@@ -77,6 +61,31 @@ func (s *session) measure(ctx context.Context) error {
 		return err
 	}
 	s.mem.snapshot("after", procs)
+	return nil
+}
+
+// httpRows warms every target up (not in -quick mode), then runs the
+// measured runs, interleaved: run 1 of every target and size, then run 2…
+func (s *session) httpRows(ctx context.Context, targets []*httpTarget) error {
+	if !s.o.quick {
+		fmt.Fprintf(s.o.log, "warming up every HTTP path (%s each, not counted) …\n", warmUp)
+		for _, sz := range sizes {
+			for _, t := range targets {
+				if _, err := s.w.run(ctx, t.url+sz.path, t.host, warmUp); err != nil {
+					return err
+				}
+			}
+		}
+	}
+	for i := range s.o.runs {
+		for _, sz := range sizes {
+			for _, t := range targets {
+				if err := s.httpRun(ctx, i, sz, t); err != nil {
+					return err
+				}
+			}
+		}
+	}
 	return nil
 }
 

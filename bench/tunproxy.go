@@ -94,23 +94,5 @@ func (s *session) measureProxyTUN(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	if !s.o.quick {
-		for _, sz := range sizes {
-			for _, t := range s.tunPhase {
-				if _, err := s.w.run(ctx, t.url+sz.path, t.host, warmUp); err != nil {
-					return err
-				}
-			}
-		}
-	}
-	for i := range s.o.runs {
-		for _, sz := range sizes {
-			for _, t := range s.tunPhase {
-				if err := s.httpRun(ctx, i, sz, t); err != nil {
-					return err
-				}
-			}
-		}
-	}
-	return nil
+	return s.httpRows(ctx, s.tunPhase)
 }

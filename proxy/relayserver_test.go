@@ -159,20 +159,28 @@ func TestMeshRelay(t *testing.T) {
 	}
 }
 
-// In the hub topology nodes may not reach each other, so the relay
-// forwards only between a node and a proxy.
-func TestMeshRelayHub(t *testing.T) {
+// proxyRelay is the relay of a proxy named px (closed when the test ends),
+// its WireGuard key, and its own netmap entry.
+func proxyRelay(t *testing.T) (*meshRelay, [32]byte, wire.Peer) {
+	t.Helper()
 	kself, sself := testKey(t)
 	r, err := newMeshRelay("px", kself, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer r.close()
+	t.Cleanup(r.close)
+	return r, kself, wire.Peer{Name: "px", Role: wire.RoleProxy, WireGuardKey: sself}
+}
+
+// In the hub topology nodes may not reach each other, so the relay
+// forwards only between a node and a proxy.
+func TestMeshRelayHub(t *testing.T) {
+	r, kself, self := proxyRelay(t)
 	k1, s1 := testKey(t)
 	k2, s2 := testKey(t)
 	nm := &wire.Netmap{
 		Topology: "hub",
-		Self:     wire.Peer{Name: "px", Role: wire.RoleProxy, WireGuardKey: sself},
+		Self:     self,
 		Peers: []wire.Peer{
 			{Name: "pi1", Role: wire.RoleNode, WireGuardKey: s1},
 			{Name: "pi2", Role: wire.RoleNode, WireGuardKey: s2},
@@ -226,18 +234,13 @@ func TestMeshRelayHub(t *testing.T) {
 // between two nodes that share a tag; nothing else. An unknown topology
 // (a newer coordinator's) gets the hub's rule.
 func TestMeshRelayTags(t *testing.T) {
-	kself, sself := testKey(t)
-	r, err := newMeshRelay("px", kself, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer r.close()
+	r, _, self := proxyRelay(t)
 	k1, s1 := testKey(t)
 	k2, s2 := testKey(t)
 	_, s3 := testKey(t)
 	nm := &wire.Netmap{
 		Topology: wire.TopologyTags,
-		Self:     wire.Peer{Name: "px", Role: wire.RoleProxy, WireGuardKey: sself},
+		Self:     self,
 		Peers: []wire.Peer{
 			{Name: "pi1", Role: wire.RoleNode, WireGuardKey: s1, Tags: []string{"lab", "cam"}},
 			{Name: "pi2", Role: wire.RoleNode, WireGuardKey: s2, Tags: []string{"cam"}},

@@ -557,17 +557,8 @@ func runInNS(t *testing.T, lab *netnstest.Lab, ns string, timeout time.Duration,
 func TestTUNModeInNetns(t *testing.T) {
 	needBinary(t)
 	lab := netnstest.New(t, "a", "b")
-	tools := map[string]string{}
-	for _, tool := range []string{"wg", "curl", "python3"} {
-		p, err := exec.LookPath(tool)
-		if err != nil {
-			netnstest.SkipOrFail(t, "%s not found: %v", tool, err)
-		}
-		tools[tool] = p
-	}
-	if _, err := os.Stat("/dev/net/tun"); err != nil {
-		netnstest.SkipOrFail(t, "no TUN support: %v", err)
-	}
+	tools := labTools(t, "wg", "curl", "python3")
+	needTUN(t)
 	lab.Link("a", "b", netip.MustParsePrefix("198.18.0.1/24"), netip.MustParsePrefix("198.18.0.2/24"))
 
 	base := meshtest.ShortTempDir(t)

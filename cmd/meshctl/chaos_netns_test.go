@@ -13,7 +13,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -28,14 +27,7 @@ func TestRoamingInNetns(t *testing.T) {
 	needBinary(t)
 	testStart := time.Now()
 	lab := netnstest.NewNATLab(t, netnstest.SiteSpec{Name: "pi1", Mode: netnstest.EndpointIndependent})
-	tools := map[string]string{}
-	for _, tool := range []string{"curl", "python3"} {
-		p, err := exec.LookPath(tool)
-		if err != nil {
-			netnstest.SkipOrFail(t, "%s not found: %v", tool, err)
-		}
-		tools[tool] = p
-	}
+	tools := labTools(t, "curl", "python3")
 	site := lab.Sites["pi1"]
 	srvIP := lab.ServerAddr.String()
 	const httpPort, webPort = "8080", "8081"

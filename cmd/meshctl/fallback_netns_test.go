@@ -9,7 +9,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -37,14 +36,7 @@ type fallbackStatusJSON struct {
 func TestSSHFallbackWhenUDPBlockedInNetns(t *testing.T) {
 	needBinary(t)
 	lab := netnstest.New(t, "a", "b")
-	tools := map[string]string{}
-	for _, tool := range []string{"nft", "curl", "python3"} {
-		p, err := exec.LookPath(tool)
-		if err != nil {
-			netnstest.SkipOrFail(t, "%s not found: %v", tool, err)
-		}
-		tools[tool] = p
-	}
+	tools := labTools(t, "nft", "curl", "python3")
 	if r := runInNS(t, lab, "b", 10*time.Second, tools["nft"], "list", "tables"); r.code != 0 {
 		netnstest.SkipOrFail(t, "nftables does not work in a network namespace here:\n%s", r)
 	}

@@ -18,6 +18,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/meshctl/meshctl/internal/netnstest"
 )
 
 // meshctlBin is the binary TestMain builds; buildErr says why it could not.
@@ -296,4 +298,28 @@ func freeUDPPort(t *testing.T) string {
 	}
 	defer c.Close()
 	return strconv.Itoa(c.LocalAddr().(*net.UDPAddr).Port)
+}
+
+// labTools finds the programs a namespace test runs (curl, python3, …) by
+// their paths, or skips the test (fails it with CI=true as root).
+func labTools(t *testing.T, names ...string) map[string]string {
+	t.Helper()
+	tools := map[string]string{}
+	for _, name := range names {
+		p, err := exec.LookPath(name)
+		if err != nil {
+			netnstest.SkipOrFail(t, "%s not found: %v", name, err)
+		}
+		tools[name] = p
+	}
+	return tools
+}
+
+// needTUN skips the test where the kernel has no TUN device (fails it
+// with CI=true as root).
+func needTUN(t *testing.T) {
+	t.Helper()
+	if _, err := os.Stat("/dev/net/tun"); err != nil {
+		netnstest.SkipOrFail(t, "no TUN support: %v", err)
+	}
 }

@@ -68,14 +68,7 @@ func TestNATLabEndToEnd(t *testing.T) {
 	lab := netnstest.NewNATLab(t,
 		netnstest.SiteSpec{Name: "pi1", Mode: netnstest.EndpointIndependent},
 		netnstest.SiteSpec{Name: "pi2", Mode: netnstest.EndpointIndependent})
-	tools := map[string]string{}
-	for _, tool := range []string{"curl", "python3"} {
-		p, err := exec.LookPath(tool)
-		if err != nil {
-			netnstest.SkipOrFail(t, "%s not found: %v", tool, err)
-		}
-		tools[tool] = p
-	}
+	tools := labTools(t, "curl", "python3")
 	nodes := []string{"pi1", "pi2"}
 	ra, rb := lab.Sites["pi1"].Router, lab.Sites["pi2"].Router
 	srvIP := lab.ServerAddr.String()

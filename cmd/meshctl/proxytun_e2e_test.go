@@ -5,7 +5,6 @@ import (
 	"crypto/rand"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -25,17 +24,8 @@ import (
 func TestProxyOnTUNInNetns(t *testing.T) {
 	needBinary(t)
 	lab := netnstest.New(t, "srv", "pi")
-	tools := map[string]string{}
-	for _, tool := range []string{"curl", "python3"} {
-		p, err := exec.LookPath(tool)
-		if err != nil {
-			netnstest.SkipOrFail(t, "%s not found: %v", tool, err)
-		}
-		tools[tool] = p
-	}
-	if _, err := os.Stat("/dev/net/tun"); err != nil {
-		netnstest.SkipOrFail(t, "no TUN support: %v", err)
-	}
+	tools := labTools(t, "curl", "python3")
+	needTUN(t)
 	lab.Link("srv", "pi", netip.MustParsePrefix("198.18.3.1/24"), netip.MustParsePrefix("198.18.3.2/24"))
 
 	base := meshtest.ShortTempDir(t)
