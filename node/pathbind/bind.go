@@ -116,6 +116,9 @@ type Bind struct {
 	relayAddr atomic.Pointer[netip.AddrPort]
 	relayKick chan struct{} // wakes relayLoop (peers or relay changed)
 	strangers strangerTable // see strangers.go
+	// strangerOurs are the session indexes our handshake messages to
+	// strangers handed out: the peer is not known yet (see stale.go).
+	strangerOurs indexRing
 	stats     Stats
 }
 
@@ -334,6 +337,7 @@ func (b *Bind) Send(bufs [][]byte, ep conn.Endpoint) error {
 		if p := (*b.addrs.Load())[s.addr]; p != nil {
 			ep = p
 		} else {
+			b.strangerOurs.note(bufs)
 			return b.inner.Send(bufs, s.Endpoint)
 		}
 	}

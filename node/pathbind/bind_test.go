@@ -410,6 +410,12 @@ func TestStrangerConfirmsItsSession(t *testing.T) {
 		t.Fatalf("a's first connection to b: %v after %s (WireGuard waits 5 s before a handshake of its own)", err, time.Since(start).Round(time.Millisecond))
 	}
 	t.Logf("a reached b %s after learning its endpoint", time.Since(start).Round(time.Millisecond))
+	// b's data now comes under the session a made answering b as a
+	// stranger: a's, though not recorded with peer b. No "stale session"
+	// (and no needless handshake) for it.
+	if n := a.bind.Stats().StaleSessions.Load(); n != 0 {
+		t.Errorf("a reported %d stale sessions for b's session with it", n)
+	}
 }
 
 // A peer that moves to a new address (restart, roaming) is followed as

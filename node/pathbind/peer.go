@@ -27,9 +27,8 @@ type Peer struct {
 	unanswered atomic.Int32 // probe rounds since the last answer
 	// Our recent session indexes with this peer and the last stale
 	// session report (see stale.go).
-	ours     [oursLen]atomic.Uint32
-	oursNext atomic.Uint32
-	staleAt  atomic.Int64
+	ours    indexRing
+	staleAt atomic.Int64
 
 	mu        sync.Mutex
 	name      string

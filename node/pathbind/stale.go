@@ -2,6 +2,7 @@ package pathbind
 
 import (
 	"encoding/binary"
+	"sync/atomic"
 	"time"
 )
 
@@ -55,31 +56,51 @@ func wgType(pkt []byte) byte {
 	return pkt[0]
 }
 
-// noteSent records the session indexes our handshake messages to p hand
-// out.
-func (p *Peer) noteSent(bufs [][]byte) {
+// indexRing holds the last oursLen session indexes that handshake
+// messages we sent handed out.
+type indexRing struct {
+	idx  [oursLen]atomic.Uint32
+	next atomic.Uint32
+}
+
+// note records the indexes that the initiations and responses among bufs
+// hand out.
+func (r *indexRing) note(bufs [][]byte) {
 	for _, buf := range bufs {
 		if t := wgType(buf); t == msgInitiation || t == msgResponse {
-			i := p.oursNext.Add(1) - 1
-			p.ours[i%oursLen].Store(binary.LittleEndian.Uint32(buf[indexOff:]))
+			i := r.next.Add(1) - 1
+			r.idx[i%oursLen].Store(binary.LittleEndian.Uint32(buf[indexOff:]))
 		}
 	}
 }
 
-// isOurs reports whether idx is one of our recent indexes for p.
-func (p *Peer) isOurs(idx uint32) bool {
-	for i := range p.ours {
-		if p.ours[i].Load() == idx {
+// has reports whether idx is in the ring.
+func (r *indexRing) has(idx uint32) bool {
+	for i := range r.idx {
+		if r.idx[i].Load() == idx {
 			return true
 		}
 	}
 	return false
 }
 
+// noteSent records the session indexes our handshake messages to p hand
+// out.
+func (p *Peer) noteSent(bufs [][]byte) { p.ours.note(bufs) }
+
+// isOurs reports whether idx is one of our recent indexes for p.
+func (p *Peer) isOurs(idx uint32) bool { return p.ours.has(idx) }
+
 // checkSession reports p (at most once per staleEvery) when pkt, received
-// from p, is transport data under a session index that is not ours.
+// from p, is transport data under a session index that is not ours. An
+// index we handed out answering a handshake from an address no peer was
+// known at yet (a node that just started; its endpoint came later) is
+// ours too, though not recorded with p.
 func (b *Bind) checkSession(p *Peer, pkt []byte, now int64) {
-	if wgType(pkt) != msgTransport || p.isOurs(binary.LittleEndian.Uint32(pkt[indexOff:])) {
+	if wgType(pkt) != msgTransport {
+		return
+	}
+	if idx := binary.LittleEndian.Uint32(pkt[indexOff:]); p.isOurs(idx) || b.strangerOurs.has(idx) {
 		return
 	}
 	last := p.staleAt.Load()
