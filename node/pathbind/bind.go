@@ -119,7 +119,7 @@ type Bind struct {
 	// strangerOurs are the session indexes our handshake messages to
 	// strangers handed out: the peer is not known yet (see stale.go).
 	strangerOurs indexRing
-	stats     Stats
+	stats        Stats
 }
 
 // Stats count what the Bind did (for tests and status).
