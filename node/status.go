@@ -44,6 +44,10 @@ type DataPlaneStatus struct {
 	OutboundResets uint64 `json:"outbound_resets"`
 	InboundWaits   uint64 `json:"inbound_waits"`
 	InboundResets  uint64 `json:"inbound_resets"`
+	// OutboundInFlight and InboundInFlight are the packets counted in
+	// flight right now (near 0 when idle).
+	OutboundInFlight int64 `json:"outbound_in_flight"`
+	InboundInFlight  int64 `json:"inbound_in_flight"`
 	// QueueDrops (netstack only) counts packets the network stack sent
 	// while the queue to WireGuard was full.
 	QueueDrops uint64 `json:"queue_drops"`
@@ -111,7 +115,8 @@ func (a *Agent) Status() (Status, error) {
 	}
 	if a.gate != nil {
 		o, in := a.gate.Stats()
-		out.DataPlane = DataPlaneStatus{OutboundWaits: o.Waits, OutboundResets: o.Resets, InboundWaits: in.Waits, InboundResets: in.Resets}
+		out.DataPlane = DataPlaneStatus{OutboundWaits: o.Waits, OutboundResets: o.Resets, InboundWaits: in.Waits, InboundResets: in.Resets,
+			OutboundInFlight: o.InFlight, InboundInFlight: in.InFlight}
 	}
 	if p, ok := a.plane.(*netstackPlane); ok {
 		out.DataPlane.QueueDrops = p.dev.Stats().QueueDrops
