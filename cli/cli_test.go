@@ -74,6 +74,7 @@ func TestFlagsAfterArgumentsRefused(t *testing.T) {
 		{"nodes", "revoke", "pi1", "--data-dir", d},
 		{"nodes", "rename", "pi1", "pi2", "--data-dir", d},
 		{"nodes", "rename", "pi1", "--json", "pi2"},
+		{"nodes", "set-tags", "pi1", "cam", "--data-dir", d},
 		{"token", "revoke", "0123456789ab", "--data-dir", d},
 		{"admin-key", "revoke", "0123456789ab", "--data-dir", d},
 		{"nodes", "list", "extra", "--data-dir", d},
@@ -97,6 +98,9 @@ func TestFlagsAfterArgumentsRefused(t *testing.T) {
 	}
 	if o := run("nodes", "rename", "--data-dir", d, "a"); o.code != ExitUsage {
 		t.Errorf("nodes rename with one argument: %s", o)
+	}
+	if o := run("nodes", "set-tags", "--data-dir", d); o.code != ExitUsage || !strings.Contains(o.stderr, "set-tags [flags] NODE [TAG...]") {
+		t.Errorf("nodes set-tags without NODE: %s", o)
 	}
 }
 
@@ -313,6 +317,23 @@ func TestEnrollRenameRevokeInProcess(t *testing.T) {
 	o = mustRun(t, "nodes", "rename", "--data-dir", dir, "alpha", "beta")
 	if !strings.Contains(o.stdout, "alpha renamed to beta") {
 		t.Errorf("rename output:\n%s", o)
+	}
+	if o := run("nodes", "set-tags", "--data-dir", dir, "beta", "Cam"); o.code == 0 || !strings.Contains(o.stderr, "tag") {
+		t.Errorf("set-tags with an invalid tag: %s", o)
+	}
+	if o := run("nodes", "set-tags", "--data-dir", dir, "nosuch", "cam"); o.code == 0 || !strings.Contains(o.stderr, `no active node named "nosuch"`) {
+		t.Errorf("set-tags of an unknown node: %s", o)
+	}
+	if o := mustRun(t, "nodes", "set-tags", "--data-dir", dir, "beta", "cam", "lab"); !strings.Contains(o.stdout, "node beta tags: cam, lab") {
+		t.Errorf("set-tags output:\n%s", o)
+	}
+	var listed []wire.Node
+	if err := json.Unmarshal([]byte(mustRun(t, "nodes", "list", "--data-dir", dir, "--json").stdout), &listed); err != nil ||
+		len(listed) != 1 || !slices.Equal(listed[0].Tags, []string{"cam", "lab"}) {
+		t.Errorf("nodes list after set-tags: %+v, %v", listed, err)
+	}
+	if o := mustRun(t, "nodes", "set-tags", "--data-dir", dir, "beta"); !strings.Contains(o.stdout, "node beta has no tags now") {
+		t.Errorf("set-tags with no tags:\n%s", o)
 	}
 	var nm wire.Netmap
 	if err := json.Unmarshal([]byte(mustRun(t, "netmap", "--state-dir", state, "--json").stdout), &nm); err != nil {

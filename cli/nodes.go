@@ -43,6 +43,23 @@ Example: meshctl nodes revoke --data-dir ./data pi1`,
 				Action:    nodesRename,
 			},
 			{
+				Name:      "set-tags",
+				Usage:     "replace a node's tags (none: clear them)",
+				ArgsUsage: "NODE [TAG...]",
+				Description: `A node's tags come from the token it enrolled with (meshctl token create
+--tag). With meshctl server --topology tags, two nodes see each other when
+they share a tag, so this changes whom the node sees, and who sees it, at
+once: every affected netmap changes, the node's WireGuard peers follow, and
+the relay forwards only between nodes that see each other. In the other
+topologies tags are labels only.
+
+Examples:
+  meshctl nodes set-tags --data-dir ./data pi1 cameras lab
+  meshctl nodes set-tags --data-dir ./data pi1            # no tags`,
+				Flags:  adminFlags(),
+				Action: nodesSetTags,
+			},
+			{
 				Name:      "set-public",
 				Usage:     "make a node's service public: browsers open it through the proxy without signing in",
 				ArgsUsage: "NODE SERVICE",
@@ -171,6 +188,29 @@ func nodesRename(c *cli.Context) error {
 		return err
 	}
 	fmt.Fprintf(c.App.Writer, "node %s renamed to %s\n", args[0], n.Name)
+	return nil
+}
+
+func nodesSetTags(c *cli.Context) error {
+	const usage = "meshctl nodes set-tags [flags] NODE [TAG...]"
+	for _, a := range c.Args().Slice() {
+		if strings.HasPrefix(a, "-") {
+			return usageError("flag %s comes after the arguments; flags go first: %s", a, usage)
+		}
+	}
+	if c.NArg() < 1 {
+		return usageError("give the node, then its tags (none clears them): %s", usage)
+	}
+	name, tags := c.Args().First(), c.Args().Tail()
+	var n wire.Node
+	if err := nodeCall(c, name, wire.PathAdminNodeTags, wire.NodeTagsRequest{Name: name, Tags: tags}, &n); err != nil {
+		return err
+	}
+	if len(n.Tags) == 0 {
+		fmt.Fprintf(c.App.Writer, "node %s has no tags now\n", n.Name)
+	} else {
+		fmt.Fprintf(c.App.Writer, "node %s tags: %s\n", n.Name, strings.Join(n.Tags, ", "))
+	}
 	return nil
 }
 

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/http"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -31,6 +32,7 @@ func (s *Server) adminRoutes(mux *http.ServeMux, auth adminAuth) {
 	mux.Handle("GET "+wire.PathAdminNodes, auth(s.adminListNodes))
 	mux.Handle("POST "+wire.PathAdminNodeRevoke, auth(s.adminRevokeNode))
 	mux.Handle("POST "+wire.PathAdminNodeRename, auth(s.adminRenameNode))
+	mux.Handle("POST "+wire.PathAdminNodeTags, auth(s.adminSetNodeTags))
 	mux.Handle("POST "+wire.PathAdminNodeAddSSH, auth(s.adminAddSSH))
 	mux.Handle("GET "+wire.PathAdminAudit, auth(s.adminAudit))
 	mux.Handle("GET "+wire.PathAdminKeys, auth(s.adminListKeys))
@@ -150,13 +152,8 @@ func (s *Server) CreateToken(ctx context.Context, req wire.TokenCreateRequest, a
 	if req.Role != wire.RoleNode && req.Role != wire.RoleProxy {
 		return wire.TokenCreateResponse{}, errf(http.StatusBadRequest, wire.CodeBadRequest, "role must be %q or %q", wire.RoleNode, wire.RoleProxy)
 	}
-	if len(req.Tags) > maxTags {
-		return wire.TokenCreateResponse{}, errf(http.StatusBadRequest, wire.CodeBadRequest, "at most %d tags", maxTags)
-	}
-	for _, t := range req.Tags {
-		if err := ValidateName("tag", t); err != nil {
-			return wire.TokenCreateResponse{}, errf(http.StatusBadRequest, wire.CodeBadRequest, "%v", err)
-		}
+	if err := validateTags(req.Tags); err != nil {
+		return wire.TokenCreateResponse{}, err
 	}
 	secret, id, hash, err := pki.NewSecret(pki.KindEnroll)
 	if err != nil {
@@ -284,6 +281,48 @@ func (s *Server) adminRenameNode(w http.ResponseWriter, r *http.Request, actor s
 	}
 	s.state.apply(n.ID, peerOf(&n))
 	s.log.Info("node renamed", "old", req.Name, "new", n.Name, "actor", actor)
+	writeJSON(w, http.StatusOK, s.wireNode(&n))
+	return nil
+}
+
+// validateTags checks tags given to a token or a node: at most maxTags,
+// each a valid name, none twice.
+func validateTags(tags []string) error {
+	if len(tags) > maxTags {
+		return errf(http.StatusBadRequest, wire.CodeBadRequest, "at most %d tags", maxTags)
+	}
+	for i, t := range tags {
+		if err := ValidateName("tag", t); err != nil {
+			return errf(http.StatusBadRequest, wire.CodeBadRequest, "%v", err)
+		}
+		if slices.Contains(tags[:i], t) {
+			return errf(http.StatusBadRequest, wire.CodeBadRequest, "tag %q given twice", t)
+		}
+	}
+	return nil
+}
+
+// adminSetNodeTags replaces a node's tags. In the tags topology that
+// changes whom it sees: the node gets a full netmap, and every node that
+// starts or stops seeing it gets the change.
+func (s *Server) adminSetNodeTags(w http.ResponseWriter, r *http.Request, actor string) error {
+	var req wire.NodeTagsRequest
+	if err := decodeJSON(w, r, &req); err != nil {
+		return err
+	}
+	if err := validateTags(req.Tags); err != nil {
+		return err
+	}
+	n, err := s.opts.Store.SetNodeTags(r.Context(), req.Name, req.Tags, s.opts.Now(), actor)
+	if errors.Is(err, store.ErrSSHOnly) {
+		return &apiError{status: http.StatusBadRequest, code: wire.CodeBadRequest, cause: err,
+			msg: fmt.Sprintf("%q is an SSH-only node: it is never a WireGuard peer, so tags do not apply to it", req.Name)}
+	}
+	if err != nil {
+		return err
+	}
+	s.state.apply(n.ID, peerOf(&n))
+	s.log.Info("node tags set", "node", n.Name, "tags", strings.Join(n.Tags, ","), "actor", actor)
 	writeJSON(w, http.StatusOK, s.wireNode(&n))
 	return nil
 }

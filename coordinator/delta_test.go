@@ -2,9 +2,12 @@ package coordinator_test
 
 import (
 	"crypto/tls"
+	"errors"
 	"net/http"
 	"reflect"
+	"slices"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -199,5 +202,99 @@ func TestNetmapHubWakesOnlyWhoSees(t *testing.T) {
 	}
 	if d := rawNetmapAt(t, c, a.State, nmA.Version, true); d == nil || !d.Delta || len(d.Peers) != 1 {
 		t.Errorf("a's delta: %+v", d)
+	}
+}
+
+// In the tags topology, changing a node's tags changes whom it sees: the
+// node gets a full netmap of its new view, the nodes that start or stop
+// seeing it get the change, and the rest do not wake.
+func TestSetNodeTagsChangesWhoSeesWhom(t *testing.T) {
+	c := meshtest.NewCoordinator(t, func(o *coordinator.Options) { o.Topology = coordinator.TopologyTags })
+	enroll := func(name string, tags ...string) *meshtest.Node {
+		tok := c.CreateToken(t, wire.TokenCreateRequest{MaxUses: 1, Tags: tags})
+		n, err := c.Enroll(t, name, tok.Token)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	a := enroll("a", "cam")
+	b := enroll("b", "cam")
+	o := enroll("o", "office")
+	px := addProxy(t, c, "px")
+	names := func(nm *wire.Netmap) []string {
+		var out []string
+		for _, p := range nm.Peers {
+			out = append(out, p.Name)
+		}
+		return out
+	}
+	if got := names(netmapOf(t, a.Client)); !slices.Equal(got, []string{"b", "px"}) {
+		t.Fatalf("a sees %v before, want b and px", got)
+	}
+	if got := names(netmapOf(t, o.Client)); !slices.Equal(got, []string{"px"}) {
+		t.Fatalf("o sees %v before, want px", got)
+	}
+	vA, vB, vO := netmapOf(t, a.Client).Version, netmapOf(t, b.Client).Version, netmapOf(t, o.Client).Version
+
+	var n wire.Node
+	if err := c.Admin(http.MethodPost, wire.PathAdminNodeTags, wire.NodeTagsRequest{Name: "o", Tags: []string{"cam", "office"}}, &n); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(n.Tags, []string{"cam", "office"}) {
+		t.Fatalf("set-tags answered %+v", n)
+	}
+	// o's own view changed wholesale: a full netmap with a and b.
+	if d := rawNetmapAt(t, c, o.State, vO, true); d == nil || d.Delta || !slices.Equal(names(d), []string{"a", "b", "px"}) {
+		t.Errorf("o's netmap after its tags changed: %+v", d)
+	}
+	// a and b now see o: a delta adding it.
+	for _, x := range []struct {
+		n *meshtest.Node
+		v uint64
+	}{{a, vA}, {b, vB}} {
+		d := rawNetmapAt(t, c, x.n.State, x.v, true)
+		if d == nil || !d.Delta || !slices.Equal(names(d), []string{"o"}) {
+			t.Errorf("%s's delta after o joined its tag: %+v", x.n.Name, d)
+		}
+	}
+	if p, ok := peerNamed(netmapOf(t, px), "o"); !ok || !slices.Equal(p.Tags, []string{"cam", "office"}) {
+		t.Errorf("the proxy's entry for o: %+v", p)
+	}
+
+	// Cleared: o sees only the proxy again, and a loses o.
+	vA = netmapOf(t, a.Client).Version
+	if err := c.Admin(http.MethodPost, wire.PathAdminNodeTags, wire.NodeTagsRequest{Name: "o"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if got := names(netmapOf(t, o.Client)); !slices.Equal(got, []string{"px"}) {
+		t.Errorf("o sees %v with no tags, want px", got)
+	}
+	if d := rawNetmapAt(t, c, a.State, vA, true); d == nil || !d.Delta || !slices.Equal(d.Removed, []string{o.State.NodeID}) {
+		t.Errorf("a's delta after o left its tag: %+v", d)
+	}
+
+	// Bad requests change nothing.
+	_, line := newSSHKey(t, "ed25519")
+	addSSH(t, c, wire.AddSSHRequest{Name: "sshbox", SSHKey: line, Services: []string{"web"}})
+	for _, bad := range []struct {
+		req  wire.NodeTagsRequest
+		code string
+		want string
+	}{
+		{wire.NodeTagsRequest{Name: "a", Tags: []string{"Cam"}}, wire.CodeBadRequest, "tag"},
+		{wire.NodeTagsRequest{Name: "a", Tags: []string{"cam", "cam"}}, wire.CodeBadRequest, "twice"},
+		{wire.NodeTagsRequest{Name: "a", Tags: make([]string, 17)}, wire.CodeBadRequest, "at most 16"},
+		{wire.NodeTagsRequest{Name: "nosuch", Tags: []string{"cam"}}, wire.CodeNotFound, "not found"},
+		{wire.NodeTagsRequest{Name: "sshbox", Tags: []string{"cam"}}, wire.CodeBadRequest, "SSH-only"},
+	} {
+		err := c.Admin(http.MethodPost, wire.PathAdminNodeTags, bad.req, nil)
+		var ae *wire.APIError
+		if !errors.As(err, &ae) || ae.Code != bad.code || !strings.Contains(ae.Message, bad.want) {
+			t.Errorf("set-tags %+v: %v; want code %s and %q", bad.req, err, bad.code, bad.want)
+		}
+	}
+	if got := names(netmapOf(t, a.Client)); !slices.Equal(got, []string{"b", "px"}) {
+		t.Errorf("a sees %v after the refused requests, want b and px", got)
 	}
 }

@@ -387,8 +387,8 @@ func (snap *snapshot) planFor(self *peerRec, since, checked uint64, topology str
 	var order []string
 	for _, d := range snap.diffs[since-oldest:] {
 		for _, c := range d.changes {
-			if c.id == self.ID && (c.old == nil || c.new == nil || c.old.Role != c.new.Role) {
-				return netmapPlan{full: true} // its own role changed: what it sees changed wholesale
+			if c.id == self.ID && (c.old == nil || c.new == nil || c.old.Role != c.new.Role || !slices.Equal(c.old.Tags, c.new.Tags)) {
+				return netmapPlan{full: true} // its own role or tags changed: what it sees may have changed wholesale
 			}
 			if _, seen := then[c.id]; !seen {
 				then[c.id] = c.old

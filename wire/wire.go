@@ -30,6 +30,7 @@ const (
 	PathAdminNodes       = "/api/v1/admin/nodes"         // GET list
 	PathAdminNodeRevoke  = "/api/v1/admin/nodes/revoke"  // POST {name}
 	PathAdminNodeRename  = "/api/v1/admin/nodes/rename"  // POST {name,new_name}
+	PathAdminNodeTags    = "/api/v1/admin/nodes/tags"    // POST NodeTagsRequest
 	PathAdminAudit       = "/api/v1/admin/audit"         // GET ?limit=N
 	PathAdminKeys        = "/api/v1/admin/admin-keys"    // GET list, POST create
 	PathAdminKeyRevoke   = "/api/v1/admin/admin-keys/revoke"
@@ -285,6 +286,13 @@ type TokenCreateResponse struct {
 // IDRequest names a token or admin key by id.
 type IDRequest struct {
 	ID string `json:"id"`
+}
+
+// NodeTagsRequest replaces the tags of a node (by name or id); no tags
+// clears them.
+type NodeTagsRequest struct {
+	Name string   `json:"name"`
+	Tags []string `json:"tags"`
 }
 
 // NameRequest names a node (by name or id).

@@ -210,6 +210,11 @@ type Store interface {
 	// ErrSSHOnly for an SSH-only node (its certificate names it: revoke it
 	// and add it again under the new name).
 	RenameNode(ctx context.Context, nameOrID, newName string, now time.Time, actor string) (Node, error)
+	// SetNodeTags replaces the tags of an active node (nil or empty: none),
+	// with an audit row in the same transaction. ErrNotFound, and
+	// ErrSSHOnly for an SSH-only node (it is never a WireGuard peer, so
+	// tags would mean nothing).
+	SetNodeTags(ctx context.Context, nameOrID string, tags []string, now time.Time, actor string) (Node, error)
 	// UpdateNode sets the non-nil fields of u (services, endpoints, disco
 	// key) of an active node, in one write, and returns the node.
 	// ErrNotFound (also for SSH-only nodes), ErrRevoked.

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/meshctl/meshctl/coordinator/ipam"
@@ -319,6 +320,37 @@ func (s *Store) RenameNode(ctx context.Context, nameOrID, newName string, now ti
 	})
 	if err != nil {
 		return store.Node{}, fmt.Errorf("rename node %q to %q: %w", nameOrID, newName, err)
+	}
+	return n, nil
+}
+
+// SetNodeTags replaces the tags of an active node.
+func (s *Store) SetNodeTags(ctx context.Context, nameOrID string, tags []string, now time.Time, actor string) (store.Node, error) {
+	enc, err := strList(tags)
+	if err != nil {
+		return store.Node{}, fmt.Errorf("set tags of node %q: encode tags: %w", nameOrID, err)
+	}
+	var n store.Node
+	err = s.write(ctx, func(tx *sql.Tx) error {
+		old, err := findActiveAny(ctx, tx, nameOrID)
+		if err != nil {
+			return err
+		}
+		if old.Role == store.RoleSSH {
+			return fmt.Errorf("%s is an SSH-only node, never a WireGuard peer: %w", old.Name, store.ErrSSHOnly)
+		}
+		if _, err := tx.ExecContext(ctx, `UPDATE nodes SET tags = ? WHERE id = ?`, enc, old.ID); err != nil {
+			return err
+		}
+		if err := insertAudit(ctx, tx, auditTime(now), actor, "node.tags", old.Name,
+			fmt.Sprintf("tags=%s old=%s id=%s", strings.Join(tags, ","), strings.Join(old.Tags, ","), old.ID)); err != nil {
+			return err
+		}
+		n, err = getNode(ctx, tx, old.ID)
+		return err
+	})
+	if err != nil {
+		return store.Node{}, fmt.Errorf("set tags of node %q: %w", nameOrID, err)
 	}
 	return n, nil
 }

@@ -108,6 +108,37 @@ func testRenameNode(t *testing.T, h *harness) {
 	}
 }
 
+func testSetNodeTags(t *testing.T, h *harness) {
+	h.token("t", 0)
+	a := h.enroll(h.params("t", "alpha"))
+	t1 := t0.Add(time.Hour)
+
+	got, err := h.s.SetNodeTags(h.ctx, "alpha", []string{"cam", "lab"}, t1, "admin:bob")
+	if err != nil || got.ID != a.ID || !slices.Equal(got.Tags, []string{"cam", "lab"}) {
+		t.Fatalf("SetNodeTags by name = %+v, %v", got, err)
+	}
+	if n := h.node(a.ID); !slices.Equal(n.Tags, []string{"cam", "lab"}) || n.Name != "alpha" || n.IPv4 != a.IPv4 {
+		t.Errorf("after SetNodeTags GetNode = %+v", n)
+	}
+	if got, err = h.s.SetNodeTags(h.ctx, a.ID, nil, t1, "admin:bob"); err != nil || len(got.Tags) != 0 {
+		t.Errorf("SetNodeTags(nil) by id = %+v, %v; want no tags", got, err)
+	}
+	if _, err := h.s.SetNodeTags(h.ctx, "nosuch", []string{"x"}, t1, "admin:bob"); !errors.Is(err, store.ErrNotFound) {
+		t.Errorf("SetNodeTags of an unknown node: %v, want ErrNotFound", err)
+	}
+	if _, err := h.s.RevokeNode(h.ctx, "alpha", t1, "admin:bob"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.s.SetNodeTags(h.ctx, a.ID, []string{"x"}, t1, "admin:bob"); !errors.Is(err, store.ErrNotFound) {
+		t.Errorf("SetNodeTags of a revoked node: %v, want ErrNotFound", err)
+	}
+	rows := filterAudit(h.audit(), "node.tags")
+	if len(rows) != 2 || rows[0].Target != "alpha" || rows[0].Actor != "admin:bob" ||
+		!strings.Contains(rows[0].Detail, "tags=cam,lab") || !strings.Contains(rows[1].Detail, "old=cam,lab") {
+		t.Errorf("node.tags audit rows = %+v", rows)
+	}
+}
+
 func testUpdateNode(t *testing.T, h *harness) {
 	h.token("t", 0)
 	a := h.enroll(h.params("t", "alpha"))

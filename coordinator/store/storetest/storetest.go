@@ -68,6 +68,7 @@ func Run(t *testing.T, open OpenFunc) {
 		// Node management, keys, audit, meta.
 		{"RevokeNode", testRevokeNode},
 		{"RenameNode", testRenameNode},
+		{"SetNodeTags", testSetNodeTags},
 		{"UpdateNode", testUpdateNode},
 		{"UpdateNodeDiscoKey", testUpdateNodeDiscoKey},
 		{"TouchNode", testTouchNode},
