@@ -115,7 +115,6 @@ type Bind struct {
 	relayWant atomic.Int64 // unix nanos of the last send that wanted the relay
 	relayAddr atomic.Pointer[netip.AddrPort]
 	relayKick chan struct{} // wakes relayLoop (peers or relay changed)
-	strangers strangerTable // see strangers.go
 	// strangerOurs are the session indexes our handshake messages to
 	// strangers handed out: the peer is not known yet (see stale.go).
 	strangerOurs indexRing
@@ -126,7 +125,6 @@ type Bind struct {
 type Stats struct {
 	DirectSent, RelaySent, GuessSent atomic.Uint64 // packets
 	RelayRecv, UnknownDropped        atomic.Uint64
-	StrangerRecv                     atomic.Uint64 // transport data let through after a stranger's handshake
 	ProbesSent, PongsReceived        atomic.Uint64
 	BadProbes                        atomic.Uint64
 	StaleSessions                    atomic.Uint64 // OnStaleSession reports
@@ -435,20 +433,14 @@ func (b *Bind) wrapReceive(fn conn.ReceiveFunc) conn.ReceiveFunc {
 				// WireGuard as it came (it authenticates it; a peer whose
 				// probes we cannot read yet, e.g. before the netmap brought
 				// its probe key, still connects, and its first attributed
-				// packet hands the peer back to its Endpoint), and so does
-				// transport data from such an address for a while (see
-				// strangers.go). Anything else from a stranger is dropped.
-				switch {
-				case len(handshakes([][]byte{pkt})) > 0:
-					b.strangers.note(src, now)
-				case wgType(pkt) == msgTransport && b.strangers.recent(src, now):
-					b.stats.StrangerRecv.Add(1)
-				default:
+				// packet hands the peer back to its Endpoint). Anything
+				// else from a stranger is dropped.
+				if len(handshakes([][]byte{pkt})) == 0 {
 					b.stats.UnknownDropped.Add(1)
 					sizes[i] = 0
-					continue
+				} else {
+					eps[i] = &stranger{Endpoint: eps[i], addr: src}
 				}
-				eps[i] = &stranger{Endpoint: eps[i], addr: src}
 				continue
 			}
 			p.active.Store(now)

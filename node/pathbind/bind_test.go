@@ -370,54 +370,6 @@ func TestStrangersAreDropped(t *testing.T) {
 	}
 }
 
-// A node that handshakes before its peer knows its address (a node started
-// right after enrolling: the proxy's netmap has no endpoint for it yet).
-// Its handshake reaches WireGuard as a stranger's, and so must the
-// keepalive that confirms the session: dropped, it left the responder
-// unable to send for REKEY_TIMEOUT (5 s), which is what the first request
-// of a proxy to a fresh node waited.
-func TestStrangerConfirmsItsSession(t *testing.T) {
-	a := newNode(t, "a", "100.64.0.1", nil) // the proxy, say
-	b := newNode(t, "b", "100.64.0.2", nil) // the fresh node
-	knows(t, b, a)
-	echoServer(t, b)
-	// a has b's key and overlay address, but no endpoint for it yet.
-	bk := b.pub()
-	a.bind.SetPeers([]pathbind.PeerConfig{{Key: bk, Name: "b"}})
-	if err := a.dev.IpcSet(fmt.Sprintf("public_key=%s\nendpoint=%s\nallowed_ip=%s/32\n",
-		hex.EncodeToString(bk[:]), pathbind.EndpointID(bk), b.ip)); err != nil {
-		t.Fatal(err)
-	}
-	// b's persistent keepalive starts its handshake at once, as the
-	// agent's toward a proxy does.
-	ak := a.pub()
-	if err := b.dev.IpcSet(fmt.Sprintf("public_key=%s\npersistent_keepalive_interval=25\n", hex.EncodeToString(ak[:]))); err != nil {
-		t.Fatal(err)
-	}
-	// The confirming keepalive has reached a's Bind: let through, or (the
-	// bug) dropped.
-	waitFor(t, "b's keepalive to reach a", func() bool {
-		st := a.bind.Stats()
-		return st.StrangerRecv.Load()+st.UnknownDropped.Load() > 0
-	})
-	if n := a.bind.Stats().UnknownDropped.Load(); n != 0 {
-		t.Errorf("a dropped %d packets from b after b's handshake", n)
-	}
-	// Now the netmap brings b's endpoint, and a dials b at once.
-	knows(t, a, b)
-	start := time.Now()
-	if err := roundTrip(a, b); err != nil {
-		t.Fatalf("a's first connection to b: %v after %s (WireGuard waits 5 s before a handshake of its own)", err, time.Since(start).Round(time.Millisecond))
-	}
-	t.Logf("a reached b %s after learning its endpoint", time.Since(start).Round(time.Millisecond))
-	// b's data now comes under the session a made answering b as a
-	// stranger: a's, though not recorded with peer b. No "stale session"
-	// (and no needless handshake) for it.
-	if n := a.bind.Stats().StaleSessions.Load(); n != 0 {
-		t.Errorf("a reported %d stale sessions for b's session with it", n)
-	}
-}
-
 // A peer that moves to a new address (restart, roaming) is followed as
 // soon as its probes arrive from there, without waiting for the old path's
 // trust to run out.

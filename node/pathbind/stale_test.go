@@ -2,6 +2,7 @@ package pathbind
 
 import (
 	"encoding/binary"
+	"net/netip"
 	"testing"
 	"time"
 
@@ -80,5 +81,35 @@ func TestStaleSessionBookkeeping(t *testing.T) {
 		case <-time.After(10 * time.Second):
 			t.Fatal("OnStaleSession not called")
 		}
+	}
+}
+
+// A session we made answering a handshake from an address no peer was
+// known at (a node that started before its endpoint reached us) is ours
+// too: its data, attributed once the address is known, is no stale
+// session.
+func TestStrangerSessionIsOurs(t *testing.T) {
+	b, err := New(Options{Inner: conn.NewDefaultBind(), DiscoPrivate: [32]byte{9}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	key := [32]byte{4}
+	b.SetPeers([]PeerConfig{{Key: key, Name: "pi"}})
+	p := b.peerByKey(key)
+	ep, err := b.inner.ParseEndpoint("127.0.0.1:9")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The response goes to the stranger (the inner bind is not open, so
+	// the send itself fails; what was handed out is recorded first).
+	b.Send([][]byte{wgMsg(msgResponse, 77)}, &stranger{Endpoint: ep, addr: netip.MustParseAddrPort("127.0.0.1:9")})
+	now := time.Now().UnixNano()
+	b.checkSession(p, wgMsg(msgTransport, 77), now)
+	if n := b.stats.StaleSessions.Load(); n != 0 {
+		t.Fatalf("the session answered to a stranger was taken as stale (%d reports)", n)
+	}
+	b.checkSession(p, wgMsg(msgTransport, 78), now)
+	if n := b.stats.StaleSessions.Load(); n != 1 {
+		t.Fatalf("a foreign index: %d reports, want 1", n)
 	}
 }
