@@ -12,7 +12,7 @@ import (
 func nodesCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "nodes",
-		Usage: "list, revoke and rename nodes; make their services public or private",
+		Usage: "list, revoke and rename nodes, set their tags; make their services public or private",
 		Subcommands: []*cli.Command{
 			addSSHCommand(),
 			{
