@@ -170,6 +170,7 @@ func New(o Options) (*Bind, error) {
 		return nil, err
 	}
 	b.discoPub = p
+	b.strangerOurs.idx = make([]atomic.Uint32, strangerOursLen)
 	empty := map[netip.AddrPort]*Peer{}
 	b.addrs.Store(&empty)
 	return b, nil
@@ -227,6 +228,7 @@ func (b *Bind) discoPriv() *[32]byte { return &b.o.DiscoPrivate }
 
 func (b *Bind) newPeerLocked(key [32]byte) *Peer {
 	p := &Peer{b: b, key: key}
+	p.ours.idx = make([]atomic.Uint32, oursLen)
 	p.path.Store(&pathState{})
 	b.peers[key] = p
 	return p

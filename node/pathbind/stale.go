@@ -31,6 +31,10 @@ const (
 	// peer; the rest of the room covers retried initiations (a new index
 	// each). Forgetting an index in use costs one extra handshake.
 	oursLen = 16
+	// strangerOursLen is the same for the handshake responses we sent to
+	// addresses no peer was known at (one ring for all of them): room for
+	// that many nodes starting at once before their endpoints reach us.
+	strangerOursLen = 256
 	// staleEvery is the least time between two reports for one peer:
 	// WireGuard's REKEY_TIMEOUT, within which it sends no new initiation
 	// anyway.
@@ -56,10 +60,10 @@ func wgType(pkt []byte) byte {
 	return pkt[0]
 }
 
-// indexRing holds the last oursLen session indexes that handshake
-// messages we sent handed out.
+// indexRing holds the last len(idx) session indexes that handshake
+// messages we sent handed out (set idx's length before use).
 type indexRing struct {
-	idx  [oursLen]atomic.Uint32
+	idx  []atomic.Uint32
 	next atomic.Uint32
 }
 
@@ -69,7 +73,7 @@ func (r *indexRing) note(bufs [][]byte) {
 	for _, buf := range bufs {
 		if t := wgType(buf); t == msgInitiation || t == msgResponse {
 			i := r.next.Add(1) - 1
-			r.idx[i%oursLen].Store(binary.LittleEndian.Uint32(buf[indexOff:]))
+			r.idx[int(i)%len(r.idx)].Store(binary.LittleEndian.Uint32(buf[indexOff:]))
 		}
 	}
 }

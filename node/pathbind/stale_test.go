@@ -112,4 +112,12 @@ func TestStrangerSessionIsOurs(t *testing.T) {
 	if n := b.stats.StaleSessions.Load(); n != 1 {
 		t.Fatalf("a foreign index: %d reports, want 1", n)
 	}
+	// Many nodes starting at once: 200 more answers to strangers, and the
+	// first is still ours (with a per-peer-sized ring it would not be).
+	for i := range uint32(200) {
+		b.Send([][]byte{wgMsg(msgResponse, 1000+i)}, &stranger{Endpoint: ep, addr: netip.MustParseAddrPort("127.0.0.1:9")})
+	}
+	if !b.strangerOurs.has(1000) || !b.strangerOurs.has(1199) {
+		t.Error("answers to 200 strangers do not all count as ours")
+	}
 }
