@@ -16,7 +16,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -24,28 +23,13 @@ import (
 	"github.com/meshctl/meshctl/coordinator"
 	"github.com/meshctl/meshctl/internal/meshtest"
 	"github.com/meshctl/meshctl/internal/netnstest"
+	"github.com/meshctl/meshctl/internal/syncbuf"
 	"github.com/meshctl/meshctl/pki"
 	"github.com/meshctl/meshctl/wire"
 )
 
-// syncBuffer is a bytes.Buffer the coordinator's goroutines may log to
-// while the test reads it.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
+// syncBuffer is a log capture safe to read while it is written.
+type syncBuffer = syncbuf.Buffer
 
 // secretPart is the part of a meshctl-<kind>-<id>-<secret> string after
 // the id: what must never be logged or stored.

@@ -21,6 +21,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/meshctl/meshctl/internal/syncbuf"
 	"github.com/meshctl/meshctl/wire"
 )
 
@@ -167,22 +168,8 @@ func decode(t *testing.T, body string) echoed {
 	return got
 }
 
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
+// syncBuffer is a log capture safe to read while it is written.
+type syncBuffer = syncbuf.Buffer
 
 func TestNewHandlerRequiresTableAndDial(t *testing.T) {
 	if _, err := NewHandler(HandlerOptions{Table: func() *Table { return nil }}); err == nil {

@@ -14,12 +14,12 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/meshctl/meshctl/internal/netnstest"
+	"github.com/meshctl/meshctl/internal/syncbuf"
 )
 
 // meshctlBin is the binary TestMain builds; buildErr says why it could not.
@@ -158,23 +158,8 @@ func decode(t *testing.T, r result, v any) {
 	}
 }
 
-// syncBuffer is a bytes.Buffer safe to read while a process writes to it.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
+// syncBuffer is a log capture safe to read while it is written.
+type syncBuffer = syncbuf.Buffer
 
 // proc is a long-running meshctl process.
 type proc struct {

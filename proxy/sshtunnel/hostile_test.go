@@ -221,11 +221,10 @@ func TestHostilePreAuthFlood(t *testing.T) {
 // session is unaffected, and a slot freed is usable again.
 func TestHostilePreAuthGlobalCap(t *testing.T) {
 	const maxPreAuth = 6
-	var logs strings.Builder
-	var logMu sync.Mutex
+	var logs syncBuffer
 	e := newEnv(t, func(o *Options) {
 		o.MaxPreAuth = maxPreAuth
-		o.Logger = slog.New(slog.NewTextHandler(lockedWriter{&logMu, &logs}, nil))
+		o.Logger = slog.New(slog.NewTextHandler(&logs, nil))
 	}, nil)
 	c, err := e.connectFrom("127.0.3.1", "pi1")
 	if err != nil {
@@ -257,9 +256,7 @@ func TestHostilePreAuthGlobalCap(t *testing.T) {
 	if !isOpen(c) || !forwardReq(t, c, "pi1", 81) {
 		t.Fatal("the authenticated session was affected by the full pre-auth cap")
 	}
-	logMu.Lock()
 	got := logs.String()
-	logMu.Unlock()
 	if n := strings.Count(got, "too many connections are still authenticating"); n != 1 {
 		t.Errorf("%d log lines for 3 refusals within 10 s, want 1:\n%s", n, got)
 	}
@@ -269,18 +266,6 @@ func TestHostilePreAuthGlobalCap(t *testing.T) {
 	waitAccepted(t, "no connection accepted after a pre-auth slot was freed", func() (*ssh.Client, error) {
 		return e.connectFrom("127.0.6.1", "pi2")
 	})
-}
-
-// lockedWriter serialises writes to w.
-type lockedWriter struct {
-	mu *sync.Mutex
-	w  io.Writer
-}
-
-func (l lockedWriter) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.w.Write(p)
 }
 
 // TestHostileGlobalRequestFlood: an authenticated node sends thousands of

@@ -1,7 +1,6 @@
 package sshtunnel
 
 import (
-	"bytes"
 	"context"
 	"encoding/pem"
 	"net"
@@ -10,10 +9,10 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
+	"github.com/meshctl/meshctl/internal/syncbuf"
 	"golang.org/x/crypto/ssh"
 )
 
@@ -35,23 +34,8 @@ func sshBinary(t *testing.T) string {
 	return path
 }
 
-// syncBuffer collects a process's stderr.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
-}
+// syncBuffer is a log capture safe to read while it is written.
+type syncBuffer = syncbuf.Buffer
 
 // startOpenSSH runs "ssh -N -R remote" as node with a certificate from e's
 // user CA, trusting host certificates of e's host CA. The returned channel
